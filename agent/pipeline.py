@@ -1,0 +1,361 @@
+"""The pipeline: bounded, non-blocking buffers in front of each exporter.
+
+The same code runs inside the node agent and, with no agent, inside the job (embedded
+mode). ``submit`` never blocks: it appends to one bounded deque per exporter; when a
+deque is full the oldest record is dropped and counted (OpenTelemetry's BatchProcessor
+shape). One named daemon worker per exporter (``provscope-export-<name>``) sleeps on
+``Event.wait(flush_interval)``, is woken early once a full batch is queued, and hands
+batches to its exporter. One slow destination therefore never delays another.
+
+An exporter answering ``RETRY`` gets the same batch again after an exponential backoff
+with jitter; shutdown keeps retrying until its deadline, then counts what is left as
+dropped. Exceptions from an exporter are logged (rate-limited), counted, and never kill
+the worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from provscope.exporters.base import Exporter, ExportResult
+
+from provscope.records import Point
+
+if TYPE_CHECKING:
+    from provscope.config import Config
+
+__all__ = ["BatchProcessor", "Pipeline"]
+
+log = logging.getLogger("provscope.pipeline")
+
+
+class BatchProcessor:
+    """A bounded queue and one worker thread in front of one exporter.
+
+    Args:
+        exporter: the destination.
+        max_queue: records held in memory; the oldest is dropped (and counted) when full.
+        batch_size: most records per ``export`` call; a full batch wakes the worker.
+        flush_interval_s: longest time a record waits before its batch is exported.
+        max_backoff_s: cap on the delay between retries of a batch answered ``RETRY``.
+    """
+
+    def __init__(
+        self,
+        exporter: Exporter,
+        *,
+        max_queue: int = 200_000,
+        batch_size: int = 5000,
+        flush_interval_s: float = 1.0,
+        max_backoff_s: float = 10.0,
+    ) -> None:
+        if batch_size <= 0 or max_queue <= 0 or flush_interval_s <= 0:
+            raise ValueError("batch_size, max_queue and flush_interval_s must be > 0")
+        self.exporter = exporter
+        self._queue: deque[Any] = deque(maxlen=max_queue)
+        self._max_queue = max_queue
+        self._batch_size = batch_size
+        self._interval = flush_interval_s
+        self._max_backoff = max_backoff_s
+        self._wake = threading.Event()
+        self._idle = threading.Event()
+        self._idle.set()
+        self._stopping = False
+        self._deadline = float("inf")
+        self._export_lock = threading.Lock()
+        self.received = 0
+        self.dropped = 0
+        self.exported = 0
+        self.failed_batches = 0
+        self.retries = 0
+        self.last_latency_s = 0.0
+        self._last_error_log = 0.0
+        self._thread = threading.Thread(
+            target=self._run, name=f"provscope-export-{exporter.name}", daemon=True
+        )
+        self._thread.start()
+
+    # ------------------------------------------------------------------ producer side
+
+    def submit(self, record: Any) -> bool:
+        """Queue one record. Never blocks. Returns False when an older record was dropped."""
+        if self._stopping:
+            self.dropped += 1
+            return False
+        queue = self._queue
+        full = len(queue) >= self._max_queue
+        if full:
+            self.dropped += 1
+        queue.append(record)
+        self.received += 1
+        if len(queue) >= self._batch_size and not self._wake.is_set():
+            self._wake.set()
+        return not full
+
+    def submit_many(self, records: Sequence[Any]) -> int:
+        """Queue many records. Never blocks. Returns how many older records were dropped."""
+        if self._stopping:
+            self.dropped += len(records)
+            return len(records)
+        queue = self._queue
+        overflow = max(0, len(queue) + len(records) - self._max_queue)
+        queue.extend(records)
+        self.received += len(records)
+        self.dropped += overflow
+        if len(queue) >= self._batch_size and not self._wake.is_set():
+            self._wake.set()
+        return overflow
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    # ------------------------------------------------------------------ worker side
+
+    def _take(self) -> list[Any]:
+        queue = self._queue
+        n = min(self._batch_size, len(queue))
+        batch = []
+        pop = queue.popleft
+        try:
+            for _ in range(n):
+                batch.append(pop())
+        except IndexError:  # pragma: no cover - only this thread pops
+            pass
+        return batch
+
+    def _export(self, batch: list[Any]) -> ExportResult:
+        start = time.perf_counter()
+        try:
+            with self._export_lock:
+                result = self.exporter.export(batch)
+        except Exception:  # never let an exporter kill the worker
+            now = time.monotonic()
+            if now - self._last_error_log > 60:
+                self._last_error_log = now
+                log.exception("exporter %s raised; batch of %d dropped", self.exporter.name,
+                              len(batch))
+            result = ExportResult.DROP
+        if result is ExportResult.SUCCESS:
+            self.exported += len(batch)
+            self.last_latency_s = time.perf_counter() - start
+        elif result is ExportResult.DROP:
+            self.failed_batches += 1
+            self.dropped += len(batch)
+        return result
+
+    def _run(self) -> None:
+        pending: list[Any] | None = None
+        backoff = 0.0
+        while True:
+            if pending is None:
+                if not self._queue:
+                    self._idle.set()
+                if self._stopping and not self._queue:
+                    return
+                if len(self._queue) < self._batch_size and not self._stopping:
+                    self._wake.wait(self._interval)
+                self._wake.clear()
+                if not self._queue:
+                    continue
+                self._idle.clear()
+                pending = self._take()
+            result = self._export(pending)
+            if result is not ExportResult.RETRY:
+                pending, backoff = None, 0.0
+                continue
+            self.retries += 1
+            if self._stopping and time.monotonic() >= self._deadline:
+                self.dropped += len(pending) + len(self._queue)
+                self._queue.clear()
+                return
+            backoff = min(self._max_backoff, max(0.05, backoff * 2 or 0.1))
+            delay = backoff * (0.5 + random.random() / 2)
+            if self._stopping:
+                delay = min(delay, max(0.0, self._deadline - time.monotonic()))
+            time.sleep(delay)
+
+    # ------------------------------------------------------------------ control
+
+    def flush(self, timeout_s: float) -> bool:
+        """Export everything queued now, then flush the exporter. Blocks up to ``timeout_s``.
+
+        Returns True when the queue drained and the exporter reported nothing left.
+        """
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            self._wake.set()
+            if not self._queue and self._idle.wait(0.01) and not self._queue:
+                break
+            time.sleep(0.005)
+        else:
+            return False
+        left = max(0.0, deadline - time.monotonic())
+        with self._export_lock:
+            try:
+                return self.exporter.flush(left)
+            except Exception:
+                log.exception("exporter %s flush raised", self.exporter.name)
+                return False
+
+    def shutdown(self, timeout_s: float) -> None:
+        """Drain within the deadline, stop the worker, shut the exporter down. Idempotent."""
+        if self._stopping:
+            return
+        deadline = time.monotonic() + timeout_s
+        self._deadline = deadline
+        self._stopping = True
+        self._wake.set()
+        self._thread.join(max(0.0, deadline - time.monotonic()))
+        if self._thread.is_alive():
+            log.warning("exporter %s did not drain within %.1fs; %d records dropped",
+                        self.exporter.name, timeout_s, len(self._queue))
+        try:
+            self.exporter.shutdown(max(0.0, deadline - time.monotonic()))
+        except Exception:
+            log.exception("exporter %s shutdown raised", self.exporter.name)
+
+    def stats(self) -> dict[str, float]:
+        """Counters named as in ``provscope.catalogue.internal``."""
+        out = {
+            "points_received_total": float(self.received),
+            "points_dropped_total": float(self.dropped),
+            "batches_failed_total": float(self.failed_batches),
+            "retries_total": float(self.retries),
+            "queue_depth": float(len(self._queue)),
+            "export_latency_seconds": self.last_latency_s,
+        }
+        try:
+            for key, value in self.exporter.stats().items():
+                out[key] = out.get(key, 0.0) + float(value) if key.endswith("dropped_total") \
+                    else float(value)
+        except Exception:
+            log.debug("exporter %s stats raised", self.exporter.name, exc_info=True)
+        out.setdefault("points_written_total", float(self.exported))
+        return out
+
+
+class Pipeline:
+    """Routes records to exporters through one ``BatchProcessor`` each.
+
+    ``Point`` records go to exporters whose ``accepts`` has ``"points"``; run, task,
+    entity and relation records to those with ``"lineage"``.
+
+    Args:
+        exporters: destinations.
+        queue_size: records held per exporter before the oldest are dropped.
+        batch_size: records per export call (an exporter's ``batch_size`` attribute wins).
+        flush_interval_s: longest wait before a queued record is exported.
+    """
+
+    def __init__(
+        self,
+        exporters: Iterable[Exporter],
+        *,
+        queue_size: int = 200_000,
+        batch_size: int = 5000,
+        flush_interval_s: float = 1.0,
+    ) -> None:
+        self.processors: list[BatchProcessor] = []
+        self._points: list[BatchProcessor] = []
+        self._lineage: list[BatchProcessor] = []
+        for exporter in exporters:
+            proc = BatchProcessor(
+                exporter,
+                max_queue=queue_size,
+                batch_size=getattr(exporter, "batch_size", batch_size),
+                flush_interval_s=getattr(exporter, "flush_interval_s", flush_interval_s),
+            )
+            self.processors.append(proc)
+            if "points" in exporter.accepts:
+                self._points.append(proc)
+            if "lineage" in exporter.accepts:
+                self._lineage.append(proc)
+        self._closed = False
+
+    @classmethod
+    def from_config(cls, config: Config, *, extra: Iterable[Exporter] = ()) -> Pipeline:
+        """Build the pipeline the config describes.
+
+        Time series go to InfluxDB when ``influxdb.url`` is set, else to the embedded
+        SQLite file; lineage goes to ``lineage.url`` (SQLite or PostgreSQL), else to the
+        same embedded file.
+
+        Raises:
+            ConfigError: a URL or setting the exporters cannot use.
+        """
+        from provscope.exporters.lineage_sql import SqlLineageExporter
+
+        exporters: list[Exporter] = []
+        if config.influxdb.url:
+            from provscope.exporters.influxdb import InfluxDBExporter
+
+            exporters.append(InfluxDBExporter.from_config(config))
+        else:
+            from provscope.exporters.embedded import EmbeddedPointsExporter
+
+            exporters.append(EmbeddedPointsExporter.from_config(config))
+        exporters.append(SqlLineageExporter.from_config(config))
+        exporters.extend(extra)
+        return cls(exporters, queue_size=config.pipeline.queue_size)
+
+    def submit(self, record: Any) -> None:
+        """Queue one record for every exporter that accepts it. Never blocks or raises."""
+        targets = self._points if record.kind == "point" else self._lineage
+        for proc in targets:
+            proc.submit(record)
+
+    def submit_many(self, records: Sequence[Any]) -> None:
+        """Queue many records (all points, or all lineage, or mixed). Never blocks."""
+        if not records:
+            return
+        if all(type(r) is Point for r in records):
+            for proc in self._points:
+                proc.submit_many(records)
+            return
+        points = [r for r in records if r.kind == "point"]
+        lineage = [r for r in records if r.kind != "point"]
+        for proc in self._points:
+            proc.submit_many(points)
+        for proc in self._lineage:
+            proc.submit_many(lineage)
+
+    def flush(self, timeout_s: float = 10.0) -> bool:
+        """Export everything queued so far. Blocks up to ``timeout_s``; True when done."""
+        deadline = time.monotonic() + timeout_s
+        ok = True
+        for proc in self.processors:
+            ok = proc.flush(max(0.0, deadline - time.monotonic())) and ok
+        return ok
+
+    def shutdown(self, timeout_s: float = 10.0) -> None:
+        """Drain and stop every exporter within one shared deadline. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        deadline = time.monotonic() + timeout_s
+        for proc in self.processors:
+            proc.shutdown(max(0.0, deadline - time.monotonic()))
+
+    def stats(self) -> dict[str, dict[str, float]]:
+        """Self-metrics per exporter name."""
+        return {proc.exporter.name: proc.stats() for proc in self.processors}
+
+    def health_points(self, host: str, time_ns: int) -> list[Point]:
+        """The ``provscope`` self-metric points, one per exporter (tag ``component``)."""
+        return [
+            Point("provscope", {"host": host, "component": name}, values, time_ns)
+            for name, values in self.stats().items()
+        ]
+
+    def __enter__(self) -> Pipeline:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()

@@ -1,0 +1,1 @@
+"""provscope.dashboards: Grafana dashboards, datasources and alert rules generated as code."""

@@ -1,0 +1,32 @@
+"""Metric specs of provscope's own health (measurement ``provscope``).
+
+Every drop is counted here: data is never lost silently.
+"""
+
+from __future__ import annotations
+
+from provscope.catalogue import MetricSpec
+
+_T = ("host", "component")
+
+
+def _c(field: str, unit: str, help_: str) -> MetricSpec:
+    return MetricSpec("provscope", field, "counter", unit, help_, _T)
+
+
+def _g(field: str, unit: str, help_: str) -> MetricSpec:
+    return MetricSpec("provscope", field, "gauge", unit, help_, _T)
+
+
+SPECS: list[MetricSpec] = [
+    _c("points_received_total", "points", "Records handed to this component."),
+    _c("points_written_total", "points", "Records the destination accepted."),
+    _c("points_dropped_total", "points", "Records lost on purpose (queue full, rejected by the server, spool full)."),
+    _c("points_spooled_total", "points", "Records written to the on-disk spool while the destination was unreachable."),
+    _c("points_replayed_total", "points", "Spooled records delivered after the destination came back."),
+    _c("retries_total", "count", "Export attempts repeated after a retryable failure."),
+    _c("batches_failed_total", "count", "Batches the destination rejected."),
+    _g("queue_depth", "points", "Records waiting in the in-memory queue."),
+    _g("spool_bytes", "bytes", "Bytes waiting in the on-disk spool."),
+    _g("export_latency_seconds", "seconds", "Duration of the last successful export call."),
+]

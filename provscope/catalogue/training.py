@@ -1,0 +1,7 @@
+"""Metric specs: training."""
+
+from __future__ import annotations
+
+from provscope.catalogue import MetricSpec
+
+SPECS: list[MetricSpec] = []

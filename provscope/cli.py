@@ -1,0 +1,97 @@
+"""The ``provscope`` command line.
+
+Each subcommand lives in one module of ``provscope.commands`` that defines
+``register(subparsers)`` (adds its parser and sets ``handler``). Only this module
+installs signal handlers (through the commands it runs). Exit codes: 0 ok, 1 failure,
+2 bad usage or bad configuration (one line on stderr, never a traceback), and a wrapped
+command's own code for ``provscope run``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from provscope._version import __version__
+from provscope.errors import ConfigError, ProvscopeError
+
+__all__ = ["main"]
+
+# Command modules, in the order --help lists them.
+COMMAND_MODULES = (
+    "provscope.commands.demo",
+    "provscope.commands.agent",
+    "provscope.commands.run",
+    "provscope.commands.lineage",
+    "provscope.commands.config",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="provscope",
+        description="Live telemetry and full provenance for training runs: a node agent, "
+        "PyTorch layer metrics, lineage in SQL, Grafana as code.",
+    )
+    parser.add_argument("--version", action="version", version=f"provscope {__version__}")
+    parser.add_argument("-c", "--config", metavar="FILE",
+                        help="YAML config file (default: $PROVSCOPE_CONFIG, else defaults)")
+    parser.add_argument("--set", metavar="KEY=VALUE", action="append", default=[],
+                        dest="overrides",
+                        help="override one setting, e.g. --set influxdb.url=http://127.0.0.1:8086 "
+                        "(repeatable; see `provscope config --defaults`)")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="more log output (-vv for debug)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+            continue  # a command not built in this release
+        module.register(sub)
+    return parser
+
+
+def load_from_args(args: argparse.Namespace, **extra: object):
+    """The validated Config for parsed CLI args (file, env, ``--set``, command flags)."""
+    from provscope.config import load_config
+
+    overrides: dict[str, object] = {}
+    from provscope.config import _split_override
+
+    for text in args.overrides:
+        key, value = _split_override(text)
+        overrides[key] = value
+    overrides.update({k: v for k, v in extra.items() if v is not None})
+    return load_config(args.config, overrides=overrides)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``provscope`` console script. Returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
+    logging.basicConfig(level=level, format="provscope: %(levelname)s %(name)s: %(message)s")
+    handler = getattr(args, "handler", None)
+    if handler is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(handler(args) or 0)
+    except ConfigError as exc:
+        print(f"provscope: {exc}", file=sys.stderr)
+        return 2
+    except ProvscopeError as exc:
+        print(f"provscope: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

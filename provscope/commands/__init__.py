@@ -1,0 +1,1 @@
+"""One module per ``provscope`` subcommand; each defines ``register(subparsers)``."""

@@ -1,0 +1,326 @@
+"""Configuration: one YAML file, ``PROVSCOPE_*`` environment variables, CLI ``--set`` flags.
+
+Precedence, lowest first: built-in defaults < YAML file < environment < CLI flags.
+Everything is validated at load into frozen models; an unknown key or a bad value raises
+``ConfigError`` with one line naming the key, the value and what is allowed.
+
+Every leaf setting ``a.b.c`` can be set from the environment as ``PROVSCOPE_A_B_C``
+(see ``env_names()``; ``provscope config --defaults`` lists them).
+
+With no servers configured (the default) everything goes to the embedded SQLite file:
+``influxdb.url`` unset means time series go to ``embedded.path``; ``lineage.url`` unset
+means lineage goes to the same file.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from provscope import env
+from provscope.errors import ConfigError
+
+__all__ = [
+    "AgentConfig",
+    "ClientConfig",
+    "CollectorConfig",
+    "Config",
+    "EmbeddedConfig",
+    "InfluxDBConfig",
+    "LineageConfig",
+    "PipelineConfig",
+    "PrometheusConfig",
+    "TorchConfig",
+    "defaults_yaml",
+    "env_names",
+    "load_config",
+]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class InfluxDBConfig(_Model):
+    url: str | None = Field(None, description="InfluxDB base URL, e.g. http://127.0.0.1:8086. Unset: time series go to the embedded store.")
+    api: Literal["v1", "v2", "v3"] = Field("v1", description="Write API: v1 /write (1.x, and 2.x/3.x compat), v2 /api/v2/write, v3 /api/v3/write_lp.")
+    database: str = Field("provscope", description="v1/v3 database (v2: used as bucket when bucket is unset).")
+    retention_policy: str | None = Field(None, description="v1 retention policy; unset: the database default.")
+    username: str | None = Field(None, description="v1 user name.")
+    password: str | None = Field(None, description="v1 password.")
+    org: str | None = Field(None, description="v2 organisation.")
+    bucket: str | None = Field(None, description="v2 bucket.")
+    token: str | None = Field(None, description="v2/v3 API token.")
+    create_database: bool = Field(True, description="v1: issue CREATE DATABASE on start (idempotent).")
+    batch_size: int = Field(5000, ge=1, le=1_000_000, description="Points per write request.")
+    flush_interval_s: float = Field(1.0, gt=0, le=3600, description="Longest time a point waits before its batch is sent, seconds.")
+    gzip: bool = Field(True, description="gzip request bodies.")
+    timeout_s: float = Field(10.0, gt=0, le=600, description="HTTP timeout per request, seconds.")
+    max_retries: int = Field(3, ge=0, le=100, description="Immediate retries (exponential backoff with jitter) before a batch goes to the spool.")
+    retry_backoff_s: float = Field(0.2, gt=0, le=60, description="First retry delay, seconds; doubles each retry.")
+    max_backoff_s: float = Field(30.0, gt=0, le=3600, description="Cap on the retry delay and on Retry-After, seconds.")
+    spool_dir: str | None = Field(None, description="Directory of the on-disk spool. Unset: $XDG_STATE_HOME/provscope/spool or ~/.local/state/provscope/spool.")
+    spool_max_bytes: int = Field(1 << 30, ge=1 << 16, description="Spool size limit in bytes; when full, the oldest segment is dropped and counted.")
+
+
+class LineageConfig(_Model):
+    url: str | None = Field(None, description="Lineage store URL: sqlite:///path.db or postgresql://user@host:port/db. Unset: the embedded file.")
+    batch_size: int = Field(1000, ge=1, le=100_000, description="Lineage records per transaction.")
+    flush_interval_s: float = Field(1.0, gt=0, le=3600, description="Longest time a lineage record waits before it is written, seconds.")
+
+
+class EmbeddedConfig(_Model):
+    path: str = Field("provscope.db", description="SQLite file of the embedded store (time series and lineage when no server is set).")
+
+
+class PipelineConfig(_Model):
+    queue_size: int = Field(200_000, ge=100, le=100_000_000, description="Records held in memory per exporter; when full the oldest is dropped and counted.")
+    shutdown_timeout_s: float = Field(10.0, gt=0, le=3600, description="Deadline for the final flush at exit, seconds.")
+
+
+class CollectorConfig(_Model):
+    enabled: bool = Field(True, description="Run this collector.")
+    interval_s: float | None = Field(None, gt=0, le=3600, description="Sampling interval, seconds; unset: agent.interval_s.")
+    on_startup_error: Literal["error", "ignore", "retry"] = Field("ignore", description="When the collector cannot open: error (agent exits), ignore (one warning), retry (every minute).")
+
+
+class FilesystemCollectorConfig(CollectorConfig):
+    paths: tuple[str, ...] = Field(("/",), description="Mount points / directories whose usage is sampled (the job's working and checkpoint dirs are added by `provscope run`).")
+
+
+class CollectorsConfig(_Model):
+    cpu: CollectorConfig = CollectorConfig()
+    memory: CollectorConfig = CollectorConfig()
+    disk: CollectorConfig = CollectorConfig()
+    net: CollectorConfig = CollectorConfig()
+    filesystem: FilesystemCollectorConfig = FilesystemCollectorConfig(interval_s=10.0)
+    process: CollectorConfig = CollectorConfig()
+    nvml: CollectorConfig = CollectorConfig()
+    amdsmi: CollectorConfig = CollectorConfig()
+    health: CollectorConfig = CollectorConfig()
+
+
+class AgentConfig(_Model):
+    socket_path: str | None = Field(None, description="Unix socket the agent listens on for local jobs. Unset: $XDG_RUNTIME_DIR/provscope/agent.sock or <tmp>/provscope-<uid>/agent.sock.")
+    interval_s: float = Field(1.0, gt=0, le=3600, description="Default sampling interval of the collectors, seconds.")
+    collectors: CollectorsConfig = CollectorsConfig()
+
+
+class PrometheusConfig(_Model):
+    enabled: bool = Field(True, description="Serve /metrics from the agent.")
+    address: str = Field("127.0.0.1", description="Address /metrics binds to.")
+    port: int = Field(9464, ge=0, le=65535, description="Port of /metrics (0: any free port).")
+    expire_s: float = Field(60.0, gt=0, description="A series not updated for this long disappears from /metrics, seconds.")
+
+
+class ClientConfig(_Model):
+    no_agent: Literal["embedded", "drop"] = Field("embedded", description="When no agent listens: run the pipeline inside the job (embedded) or count and drop.")
+    buffer_size: int = Field(100_000, ge=100, le=100_000_000, description="Records the in-job buffer holds; when full the oldest is dropped and counted.")
+    reconnect_s: float = Field(2.0, gt=0, le=3600, description="How often the in-job client retries the agent socket, seconds.")
+
+
+class TorchConfig(_Model):
+    every: int = Field(10, ge=1, description="Layer statistics every N steps.")
+    max_layers: int = Field(512, ge=1, description="Most layers watched at once; more is an error naming the count and this setting.")
+
+
+class Config(_Model):
+    """The whole configuration. Build it with ``load_config``; it is immutable."""
+
+    host: str | None = Field(None, description="Host name written on every series and row. Unset: the machine's host name.")
+    influxdb: InfluxDBConfig = InfluxDBConfig()
+    lineage: LineageConfig = LineageConfig()
+    embedded: EmbeddedConfig = EmbeddedConfig()
+    pipeline: PipelineConfig = PipelineConfig()
+    agent: AgentConfig = AgentConfig()
+    prometheus: PrometheusConfig = PrometheusConfig()
+    client: ClientConfig = ClientConfig()
+    torch: TorchConfig = TorchConfig()
+
+    @property
+    def host_name(self) -> str:
+        """``host`` or the machine's host name."""
+        return self.host or socket.gethostname()
+
+    @property
+    def lineage_url(self) -> str:
+        """The lineage URL actually used (the embedded file when ``lineage.url`` is unset)."""
+        return self.lineage.url or f"sqlite:///{Path(self.embedded.path).expanduser()}"
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _leaves(model: type[BaseModel], prefix: str = "") -> dict[str, Any]:
+    """Dotted key -> FieldInfo for every leaf setting."""
+    out: dict[str, Any] = {}
+    for name, info in model.model_fields.items():
+        key = f"{prefix}{name}"
+        ann = info.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            out.update(_leaves(ann, key + "."))
+        else:
+            out[key] = info
+    return out
+
+
+def env_names() -> dict[str, str]:
+    """Map ``PROVSCOPE_*`` environment variable -> dotted setting key."""
+    return {env.PREFIX + k.upper().replace(".", "_"): k for k in _leaves(Config)}
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _parse_scalar(text: str) -> Any:
+    try:
+        return yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        return text
+
+
+def _allowed_keys(path: Sequence[str | int]) -> str:
+    model: type[BaseModel] = Config
+    for part in path[:-1]:
+        field = model.model_fields.get(str(part))
+        if field is None or not (isinstance(field.annotation, type)
+                                 and issubclass(field.annotation, BaseModel)):
+            return ""
+        model = field.annotation
+    return ", ".join(model.model_fields)
+
+
+def _one_line(exc: ValidationError, source: str) -> str:
+    err = exc.errors()[0]
+    loc = [p for p in err["loc"]]
+    key = ".".join(str(p) for p in loc)
+    value = err.get("input")
+    if err["type"] == "extra_forbidden":
+        return f"{source}: unknown key {key!r}; allowed keys here: {_allowed_keys(loc)}"
+    msg = err["msg"]
+    if msg.startswith("Input should be "):
+        msg = "allowed: " + msg[len("Input should be "):]
+    extra = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
+    return f"{source}: {key} = {value!r} is not allowed; {msg}{extra}"
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    overrides: Mapping[str, Any] | Sequence[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Config:
+    """Load, merge and validate the configuration.
+
+    Args:
+        path: YAML file; None reads ``$PROVSCOPE_CONFIG`` when set, else defaults only.
+        overrides: dotted keys to values (``{"influxdb.url": "http://..."}``) or
+            ``["influxdb.url=http://..."]`` strings as given to ``--set``.
+        environ: environment to read ``PROVSCOPE_*`` from (default ``os.environ``).
+
+    Returns:
+        The frozen ``Config``.
+
+    Raises:
+        ConfigError: one line naming the key, the value and what is allowed.
+    """
+    environ = os.environ if environ is None else environ
+    tree: dict[str, Any] = {}
+    source = "config"
+    path = path or environ.get(env.CONFIG) or None
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).expanduser().read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"config file {str(path)!r} cannot be read: {exc.strerror}") from None
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(loaded).__name__}")
+        tree = loaded
+    names = env_names()
+    for var, value in environ.items():
+        if var.startswith(env.PREFIX) and var in names:
+            _set_dotted(tree, names[var], _parse_scalar(value))
+    if overrides:
+        items = (
+            overrides.items() if isinstance(overrides, Mapping)
+            else (_split_override(o) for o in overrides)
+        )
+        for key, value in items:
+            if key not in _leaves(Config):
+                raise ConfigError(
+                    f"--set {key}: unknown setting; see `provscope config --defaults` for all keys"
+                )
+            _set_dotted(tree, key, value)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_one_line(exc, source)) from None
+
+
+def _split_override(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. influxdb.url=http://127.0.0.1:8086")
+    return key.strip(), _parse_scalar(value)
+
+
+def defaults_yaml() -> str:
+    """A commented YAML sample of every setting with its default (Telegraf sample.conf style)."""
+    lines = [
+        "# provscope configuration. Every setting is shown commented out with its default.",
+        "# Load with `--config FILE` or $PROVSCOPE_CONFIG; each key a.b.c can also be set",
+        "# as the environment variable PROVSCOPE_A_B_C or with `--set a.b.c=VALUE`.",
+    ]
+
+    def walk(model: BaseModel, indent: int) -> None:
+        pad = "  " * indent
+        for name, info in type(model).model_fields.items():
+            value = getattr(model, name)
+            if isinstance(value, BaseModel):
+                lines.append("")
+                lines.append(f"# {pad}{name}:")
+                walk(value, indent + 1)
+                continue
+            if info.description:
+                lines.append(f"## {pad}{info.description}")
+            dumped = yaml.safe_dump(list(value) if isinstance(value, tuple) else value,
+                                    default_flow_style=True).strip()
+            dumped = dumped.removesuffix("\n...").removesuffix("...").strip()
+            lines.append(f"# {pad}{name}: {dumped}")
+
+    walk(Config(), 0)
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,1 @@
+"""Data files shipped with provscope (the demo corpus)."""

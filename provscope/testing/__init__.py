@@ -1,0 +1,1 @@
+"""Helpers for tests and benchmarks: throwaway InfluxDB, PostgreSQL and Prometheus servers."""

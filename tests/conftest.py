@@ -1,0 +1,72 @@
+"""Session fixtures: real InfluxDB and PostgreSQL servers, started once per test session.
+
+Outside CI a missing server binary skips the tests that need it (with the reason); with
+CI=true it fails them, so a CI machine without the servers cannot pass silently.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import pytest
+
+from provscope.testing.servers import InfluxServer, PostgresServer, ServerUnavailable
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def _unavailable(exc: Exception) -> None:
+    if IN_CI:
+        pytest.fail(f"required server missing in CI: {exc}")
+    pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="session")
+def influx_server():
+    """A running InfluxDB 1.x shared by the session (do not stop it; use ``influx_own``)."""
+    try:
+        server = InfluxServer()
+    except ServerUnavailable as exc:
+        _unavailable(exc)
+    server.start()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def influx_own():
+    """A private InfluxDB a test may stop and restart (outage tests)."""
+    try:
+        server = InfluxServer()
+    except ServerUnavailable as exc:
+        _unavailable(exc)
+    server.start()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def influx_db(influx_server) -> str:
+    """A fresh, empty database name on the shared InfluxDB."""
+    name = "t_" + uuid.uuid4().hex[:12]
+    influx_server.create_database(name)
+    return name
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A running PostgreSQL shared by the session."""
+    try:
+        server = PostgresServer()
+    except ServerUnavailable as exc:
+        _unavailable(exc)
+    server.start()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def postgres_url(postgres_server) -> str:
+    """URL of a fresh, empty database on the shared PostgreSQL."""
+    return postgres_server.create_database("t_" + uuid.uuid4().hex[:12])
