@@ -123,6 +123,8 @@ class ClientConfig(_Model):
     no_agent: Literal["embedded", "drop"] = Field("embedded", description="When no agent listens: run the pipeline inside the job (embedded) or count and drop.")
     buffer_size: int = Field(100_000, ge=100, le=100_000_000, description="Records the in-job buffer holds; when full the oldest is dropped and counted.")
     reconnect_s: float = Field(2.0, gt=0, le=3600, description="How often the in-job client retries the agent socket, seconds.")
+    hash_max_bytes: int = Field(1 << 30, ge=0, description="Files up to this size get a sha256 digest in use()/produce(); larger ones record size and mtime only.")
+    step_task_every: int = Field(100, ge=0, description="run.steps() records one step task every N steps (0: none); every step still logs step_time_seconds.")
 
 
 class TorchConfig(_Model):
