@@ -1,0 +1,513 @@
+"""The SQL lineage store (SQLite or PostgreSQL) and its pipeline exporter.
+
+``SqlLineageStore(url)`` writes run, task, entity and relation records with idempotent,
+merging upserts: records with the same id become one row, the non-null fields of the
+newer record win and its nulls keep the stored value (``COALESCE(excluded.col, col)``), so
+a task's start record and end record give the same row whichever arrives first. A status
+``running`` never overwrites a status already stored (an end record that overtook its
+start record keeps ``finished``). Relations are deduplicated on
+(relation, subject_id, object_id, role).
+
+Each batch is first merged in memory (one row per id), then written in ONE transaction
+with one ``executemany`` per table.
+
+The store is chosen by URL scheme (``sqlite:///path.db``, ``postgresql://user@host/db``);
+the PostgreSQL driver (psycopg 3) is imported only when such a URL is used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import importlib.util
+import json
+import logging
+import math
+import os
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import sqlalchemy as sa
+from provscope.exporters.base import ExportResult
+from provscope.exporters.lineage_schema import (
+    ENTITIES,
+    RELATIONS,
+    RESOURCE_COLUMNS,
+    RUNS,
+    TASKS,
+    TIME_COLUMNS,
+    migrate,
+)
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import Engine, make_url
+
+from provscope.errors import ConfigError, LineageSchemaError
+from provscope.records import EntityRecord, RelationRecord, RunRecord, TaskRecord
+
+if TYPE_CHECKING:
+    from provscope.config import Config
+
+__all__ = [
+    "SCHEMES",
+    "SqlLineageExporter",
+    "SqlLineageStore",
+    "create_lineage_engine",
+    "normalize_url",
+]
+
+log = logging.getLogger("provscope.lineage")
+
+_UTC = dt.UTC
+
+
+# ----------------------------------------------------------------------------- JSON
+
+def _clean(value: Any) -> Any:
+    """JSON-able copy: NaN/inf become None (PostgreSQL's jsonb rejects them), others repr."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, str | int | bool) or value is None:
+        return value
+    if isinstance(value, Mapping):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [_clean(v) for v in value]
+    text = repr(value)
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _dumps(value: Any) -> str:
+    try:
+        return json.dumps(value, allow_nan=False, separators=(",", ":"))
+    except (TypeError, ValueError):
+        return json.dumps(_clean(value), allow_nan=False, separators=(",", ":"))
+
+
+# ----------------------------------------------------------------------------- URLs / engines
+
+def _sqlite_path(url: sa.URL) -> str | None:
+    db = url.database
+    return None if not db or db == ":memory:" else db
+
+
+def _sqlite_engine(url: sa.URL, *, writer: bool, busy_timeout_ms: int) -> Engine:
+    path = _sqlite_path(url)
+    if writer and path:
+        Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    kwargs: dict[str, Any] = {
+        "connect_args": {"check_same_thread": False, "timeout": busy_timeout_ms / 1000},
+        "json_serializer": _dumps,
+    }
+    if path is None:
+        kwargs["poolclass"] = sa.pool.StaticPool  # one shared in-memory database
+    engine = sa.create_engine(url, **kwargs)
+
+    @sa.event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        # We issue BEGIN ourselves (below); pysqlite's implicit transactions do not cover DDL.
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        cur.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+        if path is not None:
+            # WAL: the points writer, the lineage writer and readers share one file.
+            cur.execute("PRAGMA journal_mode = WAL")
+            cur.execute("PRAGMA synchronous = NORMAL")
+        cur.close()
+
+    @sa.event.listens_for(engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        # Writers take the write lock at BEGIN: a deferred transaction that upgrades from
+        # read to write gets SQLITE_BUSY at once instead of waiting on busy_timeout.
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if writer else "BEGIN")
+
+    return engine
+
+
+def _postgres_engine(url: sa.URL, *, writer: bool, busy_timeout_ms: int) -> Engine:
+    if importlib.util.find_spec("psycopg") is None:
+        raise ConfigError("lineage URL is PostgreSQL but psycopg is not installed; "
+                          "pip install 'provscope[postgres]'")
+    return sa.create_engine(
+        url.set(drivername="postgresql+psycopg"),
+        pool_pre_ping=True,  # a restarted server leaves dead pooled connections behind
+        pool_size=2,
+        max_overflow=2,
+        connect_args={"connect_timeout": max(1, busy_timeout_ms // 1000)},
+        json_serializer=_dumps,
+    )
+
+
+#: URL scheme -> engine factory. ``postgresql://`` maps to the psycopg 3 driver.
+SCHEMES: dict[str, Callable[..., Engine]] = {
+    "sqlite": _sqlite_engine,
+    "postgresql": _postgres_engine,
+    "postgres": _postgres_engine,
+    "postgresql+psycopg": _postgres_engine,
+}
+
+
+def normalize_url(url: str) -> sa.URL:
+    """Parse a lineage URL and check its scheme.
+
+    Raises:
+        ConfigError: not a URL, or a scheme other than sqlite / postgresql.
+    """
+    try:
+        parsed = make_url(url)
+    except sa_exc.ArgumentError:
+        raise ConfigError(f"lineage URL {url!r} is not a URL; use sqlite:///PATH.db or "
+                          "postgresql://USER@HOST:PORT/DB") from None
+    if parsed.drivername not in SCHEMES:
+        raise ConfigError(f"lineage URL {url!r}: scheme {parsed.drivername!r} is not supported; "
+                          "use sqlite:///PATH.db or postgresql://USER@HOST:PORT/DB")
+    return parsed
+
+
+def create_lineage_engine(url: str, *, writer: bool = True,
+                          busy_timeout_ms: int = 2000) -> Engine:
+    """A SQLAlchemy engine for a lineage URL (sqlite:///..., postgresql://...).
+
+    Args:
+        url: the lineage URL.
+        writer: SQLite only: create the parent directory and take the write lock at BEGIN.
+        busy_timeout_ms: how long a statement waits on a locked SQLite file, and the
+            PostgreSQL connect timeout (rounded to seconds).
+
+    Raises:
+        ConfigError: unsupported scheme or missing driver.
+    """
+    parsed = normalize_url(url)
+    engine = SCHEMES[parsed.drivername](parsed, writer=writer, busy_timeout_ms=busy_timeout_ms)
+    _ENGINES.add(engine)
+    return engine
+
+
+_ENGINES: weakref.WeakSet[Engine] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    # Pooled connections belong to the parent; the child opens its own.
+    for engine in list(_ENGINES):
+        with contextlib.suppress(Exception):
+            engine.dispose(close=False)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+# ----------------------------------------------------------------------------- rows
+
+def _ts(ns: int | None) -> dt.datetime | None:
+    if ns is None:
+        return None
+    return dt.datetime.fromtimestamp(ns / 1e9, tz=_UTC)
+
+
+def _run_row(r: RunRecord) -> dict[str, Any]:
+    code = r.code
+    return {
+        "run_id": r.run_id, "name": r.name, "parent_run_id": r.parent_run_id,
+        "campaign": r.campaign, "user_name": r.user, "host": r.host,
+        "start_ns": r.start_ns, "end_ns": r.end_ns, "status": r.status,
+        "config": _as_json(r.config), "code": _as_json(code),
+        "code_commit": code.get("commit") if code else None,
+        "code_dirty": bool(code["dirty"]) if code and code.get("dirty") is not None else None,
+        "environment": _as_json(r.environment), "command": r.command,
+    }
+
+
+def _task_row(r: TaskRecord) -> dict[str, Any]:
+    res = r.resources or {}
+    row = {
+        "task_id": r.task_id, "run_id": r.run_id, "parent_task_id": r.parent_task_id,
+        "name": r.name, "kind": r.task_kind, "host": r.host, "rank": r.rank, "pid": r.pid,
+        "start_ns": r.start_ns, "end_ns": r.end_ns, "status": r.status, "error": r.error,
+        "params": _as_json(r.params), "result": _as_json(r.result),
+        "resources": _as_json(r.resources),
+    }
+    for key in RESOURCE_COLUMNS:
+        value = res.get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool) \
+                and math.isfinite(value):
+            row[key] = int(value) if key.endswith("_bytes") else float(value)
+        else:
+            row[key] = None
+    return row
+
+
+def _entity_row(r: EntityRecord) -> dict[str, Any]:
+    return {
+        "entity_id": r.entity_id, "kind": r.entity_kind, "uri": r.uri, "name": r.name,
+        "digest": r.digest, "size_bytes": r.size_bytes,
+        "attributes": _as_json(r.attributes), "run_id": r.run_id, "created_ns": r.created_ns,
+    }
+
+
+def _relation_row(r: RelationRecord) -> dict[str, Any]:
+    return {"relation": r.relation, "subject_id": r.subject_id, "object_id": r.object_id,
+            "role": r.role or "", "run_id": r.run_id, "time_ns": r.time_ns}
+
+
+def _as_json(value: Mapping[str, Any] | None) -> Any:
+    return None if value is None else dict(value)
+
+
+def _merge_into(old: dict[str, Any], new: dict[str, Any]) -> None:
+    """The in-memory twin of the SQL merge: non-null wins, 'running' never overrides."""
+    for key, value in new.items():
+        if value is None:
+            continue
+        if key == "status" and value == "running" and old.get("status") is not None:
+            continue
+        old[key] = value
+
+
+_TABLES: dict[type, tuple[sa.Table, tuple[str, ...], Callable[[Any], dict[str, Any]]]] = {
+    RunRecord: (RUNS, ("run_id",), _run_row),
+    TaskRecord: (TASKS, ("task_id",), _task_row),
+    EntityRecord: (ENTITIES, ("entity_id",), _entity_row),
+    RelationRecord: (RELATIONS, ("relation", "subject_id", "object_id", "role"), _relation_row),
+}
+# Parents before children, so a reader never sees a task of a run that is not there yet.
+_ORDER = (RunRecord, EntityRecord, TaskRecord, RelationRecord)
+
+
+def _upsert(dialect: str, table: sa.Table, keys: Sequence[str]) -> sa.Insert:
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    stmt = insert(table)
+    excluded = stmt.excluded
+    sets: dict[str, Any] = {}
+    for col in table.columns:
+        if col.name in keys:
+            continue
+        new, old = excluded[col.name], table.c[col.name]
+        if col.name == "status":
+            sets[col.name] = sa.case(
+                (new.is_(None), old),
+                (sa.and_(new == "running", old.is_not(None)), old),
+                else_=new,
+            )
+        else:
+            sets[col.name] = sa.func.coalesce(new, old)
+    return stmt.on_conflict_do_update(index_elements=list(keys), set_=sets)
+
+
+# ----------------------------------------------------------------------------- store
+
+class SqlLineageStore:
+    """Idempotent, merging writer of lineage records into SQLite or PostgreSQL.
+
+    Args:
+        url: ``sqlite:///path.db`` (file created on first write) or
+            ``postgresql://user@host:port/db`` (database must exist).
+        busy_timeout_ms: wait on a locked SQLite file before failing the batch.
+
+    Not thread-safe for concurrent ``write`` calls (the pipeline calls it from one worker).
+    """
+
+    def __init__(self, url: str, *, busy_timeout_ms: int = 2000) -> None:
+        self.url = url
+        self.engine = create_lineage_engine(url, writer=True, busy_timeout_ms=busy_timeout_ms)
+        self.dialect = self.engine.dialect.name
+        self._migrated = False
+        self._stmts = {cls: _upsert(self.dialect, t, keys) for cls, (t, keys, _)
+                       in _TABLES.items()}
+
+    def ensure_schema(self) -> None:
+        """Create or upgrade the schema (once per store). Blocks on the database.
+
+        Raises:
+            LineageSchemaError: the database is newer than this code.
+            sqlalchemy.exc.OperationalError: unreachable or locked.
+        """
+        if not self._migrated:
+            migrate(self.engine)
+            self._migrated = True
+
+    @staticmethod
+    def rows(records: Iterable[Any]) -> dict[type, list[dict[str, Any]]]:
+        """Merge records into one row per key, per record type (in batch order)."""
+        merged: dict[type, dict[Any, dict[str, Any]]] = {cls: {} for cls in _ORDER}
+        for record in records:
+            spec = _TABLES.get(type(record))
+            if spec is None:
+                continue
+            _table, keys, to_row = spec
+            row = to_row(record)
+            key = row[keys[0]] if len(keys) == 1 else tuple(row[k] for k in keys)
+            rows = merged[type(record)]
+            old = rows.get(key)
+            if old is None:
+                rows[key] = row
+            else:
+                _merge_into(old, row)
+        out: dict[type, list[dict[str, Any]]] = {}
+        for cls, by_key in merged.items():
+            if not by_key:
+                continue
+            times = TIME_COLUMNS[_TABLES[cls][0].name]
+            for row in by_key.values():
+                for ns_col, ts_col in times.items():
+                    row[ts_col] = _ts(row[ns_col])
+            out[cls] = list(by_key.values())
+        return out
+
+    def write(self, records: Iterable[Any]) -> int:
+        """Upsert a batch in one transaction. Blocks on the database.
+
+        Returns:
+            Rows upserted (after merging records with the same id).
+
+        Raises:
+            LineageSchemaError: the database is newer than this code.
+            sqlalchemy.exc.SQLAlchemyError: the database failed (nothing was written).
+        """
+        self.ensure_schema()
+        rows = self.rows(records)
+        if not rows:
+            return 0
+        with self.engine.begin() as conn:
+            for cls in _ORDER:
+                if cls in rows:
+                    conn.execute(self._stmts[cls], rows[cls])
+        return sum(len(v) for v in rows.values())
+
+    def close(self) -> None:
+        """Close pooled connections."""
+        self.engine.dispose()
+
+
+# ----------------------------------------------------------------------------- exporter
+
+def _retryable(exc: BaseException) -> bool:
+    if isinstance(exc, sa_exc.OperationalError | sa_exc.InterfaceError | sa_exc.TimeoutError):
+        return True
+    return isinstance(exc, sa_exc.DBAPIError) and bool(exc.connection_invalidated)
+
+
+class SqlLineageExporter:
+    """Pipeline exporter writing lineage records to a ``SqlLineageStore``.
+
+    Failure policy:
+      - database locked, unreachable or restarting -> ``RETRY`` (the batch stays in the
+        pipeline and is offered again); a warning is logged at most once a minute.
+      - database of a newer schema version -> ``RETRY`` as well (nothing is lost; upgrading
+        provscope or pointing at another database lets it through); logged once an hour.
+      - a record the database rejects (bad data) -> the batch is written record by record,
+        the rejected ones are dropped, counted and logged.
+
+    Args:
+        url: lineage URL (see ``SqlLineageStore``).
+        batch_size: records per transaction (read by the pipeline).
+        flush_interval_s: longest wait before a record is written (read by the pipeline).
+    """
+
+    name: ClassVar[str] = "lineage"
+    accepts: ClassVar[frozenset[str]] = frozenset({"lineage"})
+
+    def __init__(self, url: str, *, batch_size: int = 1000, flush_interval_s: float = 1.0,
+                 busy_timeout_ms: int = 2000) -> None:
+        self.url = url
+        self.batch_size = batch_size
+        self.flush_interval_s = flush_interval_s
+        self.store = SqlLineageStore(url, busy_timeout_ms=busy_timeout_ms)
+        self.written = 0
+        self.dropped = 0
+        self.failures = 0
+        self.last_error: str | None = None
+        self._last_log: dict[str, float] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+
+    @classmethod
+    def from_config(cls, config: Config) -> SqlLineageExporter:
+        """Build from ``config.lineage`` and ``config.lineage_url`` (no connection yet).
+
+        Raises:
+            ConfigError: unsupported URL scheme or missing driver.
+        """
+        return cls(config.lineage_url, batch_size=config.lineage.batch_size,
+                   flush_interval_s=config.lineage.flush_interval_s)
+
+    def _warn(self, kind: str, every_s: float, msg: str, *args: Any,
+              level: int = logging.WARNING) -> None:
+        now = time.monotonic()
+        if now - self._last_log.get(kind, -math.inf) >= every_s:
+            self._last_log[kind] = now
+            log.log(level, msg, *args)
+
+    def export(self, batch: Sequence[Any]) -> ExportResult:
+        """Write one batch in one transaction. Never raises; see the class failure policy."""
+        if self._closed:
+            return ExportResult.DROP
+        try:
+            self.written += self.store.write(batch)
+            self.last_error = None
+            return ExportResult.SUCCESS
+        except LineageSchemaError as exc:
+            self.failures += 1
+            self.last_error = str(exc)
+            self._warn("schema", 3600, "lineage store %s: %s; %d records kept for retry",
+                       _safe_url(self.url), exc, len(batch), level=logging.ERROR)
+            return ExportResult.RETRY
+        except Exception as exc:
+            self.failures += 1
+            self.last_error = _one_line(exc)
+            if _retryable(exc):
+                self._warn("unreachable", 60, "lineage store %s unavailable (%s); "
+                           "records kept and retried", _safe_url(self.url), self.last_error)
+                return ExportResult.RETRY
+            return self._export_one_by_one(batch, exc)
+
+    def _export_one_by_one(self, batch: Sequence[Any], first: BaseException) -> ExportResult:
+        self._warn("rejected", 60, "lineage store %s rejected a batch (%s); writing it record "
+                   "by record and dropping the rejected ones", _safe_url(self.url),
+                   _one_line(first))
+        for record in batch:
+            try:
+                self.written += self.store.write([record])
+            except Exception as exc:
+                if _retryable(exc) or isinstance(exc, LineageSchemaError):
+                    return ExportResult.RETRY  # the rest (already written ones are idempotent)
+                self.dropped += 1
+                self._warn("dropped", 60, "lineage record dropped (%s): %s", _one_line(exc),
+                           str(record)[:200])
+        return ExportResult.SUCCESS
+
+    def flush(self, timeout_s: float) -> bool:
+        """Nothing is held here (batches are written synchronously); always True."""
+        return True
+
+    def shutdown(self, timeout_s: float) -> None:
+        """Release the database connections. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self.store.close()
+
+    def stats(self) -> dict[str, float]:
+        """``points_written_total`` (rows upserted), ``points_dropped_total`` (rejected)."""
+        return {"points_written_total": float(self.written),
+                "points_dropped_total": float(self.dropped)}
+
+
+def _one_line(exc: BaseException) -> str:
+    orig = getattr(exc, "orig", None) or exc
+    text = str(orig).strip().splitlines()
+    return f"{type(orig).__name__}: {text[0] if text else ''}"
+
+
+def _safe_url(url: str) -> str:
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return "<lineage url>"
