@@ -1,0 +1,435 @@
+"""Read what provscope recorded, as pandas DataFrames: runs, tasks, entities, time series.
+
+One set of functions for every deployment. With the default configuration everything is
+read from the embedded SQLite file (``embedded.path``); when ``influxdb.url`` is set, time
+series come from InfluxDB (InfluxQL over HTTP ``/query``), and when ``lineage.url`` is set,
+lineage comes from that SQLite or PostgreSQL database. The DataFrames have the same
+columns either way.
+
+Every function takes ``config=`` (a ``Config``); without it ``load_config()`` is used
+(``$PROVSCOPE_CONFIG``, ``PROVSCOPE_*`` variables). All calls block on the store they
+read. Times are Unix nanoseconds in ``*_ns`` columns and UTC ``pandas.Timestamp`` in the
+matching ``*_time`` / ``time`` columns.
+
+Example::
+
+    from provscope import query
+    runs = query.runs(limit=10)
+    loss = query.series("train", "loss", run_id=runs.run_id[0])
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import json
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+import sqlalchemy as sa
+
+from provscope.errors import ProvscopeError
+
+if TYPE_CHECKING:
+    from provscope.config import Config
+
+__all__ = [
+    "SERIES_COLUMNS",
+    "entities",
+    "relations",
+    "resolve_run_id",
+    "runs",
+    "series",
+    "sql",
+    "tasks",
+]
+
+#: Columns of ``series()``: one row per (time, field) value, long format.
+SERIES_COLUMNS = ["time", "time_ns", "measurement", "field", "value", "str_value", "run_id",
+                  "host", "rank", "tags"]
+_COLUMN_TAGS = ("run_id", "host", "rank")
+
+TimeLike = int | float | str | dt.datetime | pd.Timestamp | None
+
+
+def _config(config: Config | None) -> Config:
+    if config is not None:
+        return config
+    from provscope.config import load_config
+
+    return load_config()
+
+
+# ----------------------------------------------------------------------------- lineage
+
+@functools.lru_cache(maxsize=16)
+def _engine(url: str) -> sa.Engine:
+    from provscope.exporters.lineage_sql import create_lineage_engine
+
+    return create_lineage_engine(url, writer=False)
+
+
+def _lineage_engine(config: Config) -> sa.Engine | None:
+    """The read engine, or None when the embedded file does not exist yet."""
+    url = config.lineage_url
+    if url.startswith("sqlite:"):
+        db = sa.engine.make_url(url).database
+        if db and db != ":memory:":
+            path = Path(db).expanduser().resolve()
+            if not path.exists():
+                return None
+            url = f"sqlite:///{path}"  # the engine cache must not depend on the cwd
+    return _engine(url)
+
+
+def _columns(table: str) -> list[str]:
+    from provscope.exporters.lineage_schema import METADATA
+
+    return [c.name for c in METADATA.tables[table].columns]
+
+
+def _dtypes(table: str) -> dict[str, str]:
+    """Nullable pandas dtypes for the numeric and boolean columns of a table."""
+    from provscope.exporters.lineage_schema import METADATA
+
+    out = {}
+    for col in METADATA.tables[table].columns:
+        if isinstance(col.type, sa.Boolean):
+            out[col.name] = "boolean"
+        elif isinstance(col.type, sa.Integer):
+            out[col.name] = "Int64"
+        elif isinstance(col.type, sa.Float):
+            out[col.name] = "Float64"
+    return out
+
+
+def _frame(config: Config, table: str, statement: str, params: Mapping[str, Any],
+           extra: tuple[str, ...] = ()) -> pd.DataFrame:
+    from provscope.exporters.lineage_schema import JSON_COLUMNS, TIME_COLUMNS
+
+    columns = _columns(table) + list(extra)
+    engine = _lineage_engine(config)
+    rows: list[dict[str, Any]] = []
+    if engine is not None:
+        with engine.connect() as conn:
+            if sa.inspect(conn).has_table(table):
+                rows = [dict(r) for r in conn.execute(sa.text(statement), params).mappings()]
+    df = pd.DataFrame(rows, columns=columns) if rows else pd.DataFrame(
+        {c: pd.Series(dtype=object) for c in columns})
+    for col in JSON_COLUMNS.get(table, ()):
+        df[col] = [json.loads(v) if isinstance(v, str) else v for v in df[col]]
+    for col, dtype in _dtypes(table).items():
+        df[col] = df[col].astype(dtype)
+    for ns_col, ts_col in TIME_COLUMNS.get(table, {}).items():
+        df[ts_col] = pd.to_datetime(df[ns_col], unit="ns", utc=True)
+    if "start_ns" in df and "end_ns" in df:
+        df["duration_s"] = (df["end_ns"] - df["start_ns"]).astype("Float64") / 1e9
+    return df.reset_index(drop=True)
+
+
+def runs(*, limit: int | None = None, name: str | None = None, status: str | None = None,
+         since: TimeLike = None, config: Config | None = None) -> pd.DataFrame:
+    """Runs, most recent first.
+
+    Args:
+        limit: at most this many rows.
+        name: only runs with this name.
+        status: only runs with this status (running, finished, failed, killed).
+        since: only runs started at or after this time (see ``series`` for time forms).
+
+    Returns:
+        One row per run: the ``runs`` table columns, plus ``task_count`` and
+        ``duration_s`` (NA while running).
+    """
+    where, params = [], {}
+    if name is not None:
+        where.append("r.name = :name")
+        params["name"] = name
+    if status is not None:
+        where.append("r.status = :status")
+        params["status"] = status
+    if since is not None:
+        where.append("r.start_ns >= :since")
+        params["since"] = _to_ns(since)
+    statement = ("SELECT r.*, (SELECT count(*) FROM tasks t WHERE t.run_id = r.run_id) "
+                 "AS task_count FROM runs r"
+                 + (" WHERE " + " AND ".join(where) if where else "")
+                 + " ORDER BY r.start_ns IS NULL, r.start_ns DESC, r.run_id DESC")
+    if limit is not None:
+        statement += " LIMIT :limit"
+        params["limit"] = int(limit)
+    df = _frame(_config(config), "runs", statement, params, extra=("task_count",))
+    df["task_count"] = df["task_count"].astype("Int64")
+    return df
+
+
+def tasks(run_id: str, *, config: Config | None = None) -> pd.DataFrame:
+    """The tasks of a run, in start order, with ``duration_s`` (seconds, NA while running)."""
+    return _frame(_config(config), "tasks",
+                  "SELECT * FROM tasks WHERE run_id = :run_id "
+                  "ORDER BY start_ns IS NULL, start_ns, task_id", {"run_id": run_id})
+
+
+def entities(run_id: str, *, config: Config | None = None) -> pd.DataFrame:
+    """Entities of a run: those it created plus those its tasks used or generated."""
+    return _frame(
+        _config(config), "entities",
+        "SELECT * FROM entities WHERE run_id = :run_id OR entity_id IN ("
+        " SELECT rel.object_id FROM relations rel WHERE rel.relation IN ('used', 'generated')"
+        " AND (rel.run_id = :run_id OR rel.subject_id IN"
+        " (SELECT task_id FROM tasks WHERE run_id = :run_id)))"
+        " ORDER BY created_ns IS NULL, created_ns, entity_id", {"run_id": run_id})
+
+
+def relations(run_id: str, *, config: Config | None = None) -> pd.DataFrame:
+    """PROV relations of a run's tasks: used / generated (task, entity), informed (task, task).
+
+    ``subject_id`` is the task; ``object_id`` the entity or the informing task; ``role`` is
+    ``""`` when none was given.
+    """
+    return _frame(
+        _config(config), "relations",
+        "SELECT * FROM relations WHERE run_id = :run_id OR subject_id IN"
+        " (SELECT task_id FROM tasks WHERE run_id = :run_id)"
+        " ORDER BY time_ns IS NULL, time_ns, relation, subject_id, object_id",
+        {"run_id": run_id})
+
+
+def resolve_run_id(prefix: str, *, config: Config | None = None) -> str:
+    """The full run id that starts with ``prefix``.
+
+    Raises:
+        ProvscopeError: no run, or several runs, match (one line naming them).
+    """
+    prefix = prefix.strip()
+    if not prefix:
+        raise ProvscopeError("run id is empty; `provscope runs` lists the recorded runs")
+    config = _config(config)
+    engine = _lineage_engine(config)
+    found: list[str] = []
+    if engine is not None:
+        with engine.connect() as conn:
+            if sa.inspect(conn).has_table("runs"):
+                pattern = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+                found = list(conn.execute(
+                    sa.text("SELECT run_id FROM runs WHERE run_id LIKE :p ESCAPE '\\' "
+                            "ORDER BY run_id LIMIT 6"), {"p": pattern + "%"}).scalars())
+    if not found:
+        raise ProvscopeError(f"no run id starts with {prefix!r} in "
+                             f"{_safe(config.lineage_url)}; `provscope runs` lists them")
+    if len(found) > 1 and prefix not in found:
+        shown = ", ".join(found[:5]) + (", ..." if len(found) > 5 else "")
+        raise ProvscopeError(f"run id prefix {prefix!r} is ambiguous ({shown}); "
+                             "give more characters")
+    return prefix if prefix in found else found[0]
+
+
+def sql(statement: str, params: Mapping[str, Any] | None = None, *,
+        config: Config | None = None) -> pd.DataFrame:
+    """Run a read-only SQL query on the lineage store (e.g. accuracy versus GPU-hours)."""
+    engine = _lineage_engine(_config(config))
+    if engine is None:
+        return pd.DataFrame()
+    with engine.connect() as conn:
+        result = conn.execute(sa.text(statement), dict(params or {}))
+        return pd.DataFrame(result.fetchall(), columns=list(result.keys()))
+
+
+def _safe(url: str) -> str:
+    try:
+        return sa.engine.make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return "the lineage store"
+
+
+# ----------------------------------------------------------------------------- time series
+
+def _to_ns(value: TimeLike) -> int | None:
+    """Unix ns from int (ns), float (Unix seconds), ISO string, datetime or Timestamp."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise TypeError("time must be int ns, float seconds, ISO string or datetime, not bool")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return int(value * 1e9)
+    ts = pd.Timestamp(value)
+    if ts.tzinfo is None:
+        ts = ts.tz_localize("UTC")
+    return int(ts.value)
+
+
+def series(measurement: str, field: str | None = None, run_id: str | None = None,
+           start: TimeLike = None, end: TimeLike = None,
+           tags: Mapping[str, Any] | None = None, *,
+           config: Config | None = None) -> pd.DataFrame:
+    """Time-series values of one measurement, long format (one row per time and field).
+
+    Args:
+        measurement: e.g. ``"train"``, ``"gpu"`` (see ``provscope.catalogue``).
+        field: one field, or None for all.
+        run_id: only points tagged with this run.
+        start, end: inclusive time range: int Unix ns, float Unix seconds, ISO string or
+            datetime (naive means UTC).
+        tags: other tag filters, e.g. ``{"host": "node1", "gpu": "0"}``.
+
+    Returns:
+        Columns ``SERIES_COLUMNS``: ``time`` (UTC), ``time_ns``, ``measurement``,
+        ``field``, ``value`` (float; booleans 0/1), ``str_value`` (string fields),
+        ``run_id``, ``host``, ``rank`` (tag strings) and ``tags`` (dict of the other tags),
+        sorted by time then field.
+
+    Raises:
+        ProvscopeError: InfluxDB unreachable or answering an error.
+    """
+    config = _config(config)
+    filters = {str(k): str(v) for k, v in (tags or {}).items()}
+    if run_id is not None:
+        filters["run_id"] = run_id
+    lo, hi = _to_ns(start), _to_ns(end)
+    if config.influxdb.url:
+        rows = _influx_rows(config, measurement, field, filters, lo, hi)
+    else:
+        rows = _embedded_rows(config, measurement, field, filters, lo, hi)
+    return _series_frame(rows)
+
+
+def _series_frame(rows: list[tuple[Any, ...]]) -> pd.DataFrame:
+    cols = SERIES_COLUMNS[1:]
+    df = pd.DataFrame(rows, columns=cols) if rows else pd.DataFrame(
+        {c: pd.Series(dtype=object) for c in cols})
+    df["time_ns"] = df["time_ns"].astype("int64")
+    df["value"] = df["value"].astype("float64")
+    df.insert(0, "time", pd.to_datetime(df["time_ns"], unit="ns", utc=True))
+    df = df.sort_values(["time_ns", "field"], kind="stable").reset_index(drop=True)
+    return df[SERIES_COLUMNS]
+
+
+def _embedded_rows(config: Config, measurement: str, field: str | None,
+                   filters: Mapping[str, str], lo: int | None,
+                   hi: int | None) -> list[tuple[Any, ...]]:
+    import sqlite3
+
+    path = Path(config.embedded.path).expanduser()
+    if not path.exists():
+        return []
+    where, params = ["measurement = ?"], [measurement]
+    if field is not None:
+        where.append("field = ?")
+        params.append(field)
+    if lo is not None:
+        where.append("time_ns >= ?")
+        params.append(lo)
+    if hi is not None:
+        where.append("time_ns <= ?")
+        params.append(hi)
+    for key, value in filters.items():
+        if key in _COLUMN_TAGS:
+            where.append(f"{key} = ?")
+        else:
+            where.append("json_extract(tags, ?) = ?")
+            params.append('$."' + key.replace('"', '\\"') + '"')
+        params.append(value)
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+    try:
+        if not conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'points'").fetchone():
+            return []
+        raw = conn.execute(
+            "SELECT time_ns, measurement, field, value, str_value, run_id, host, rank, tags "
+            f"FROM points WHERE {' AND '.join(where)} ORDER BY time_ns, field", params,
+        ).fetchall()
+    finally:
+        conn.close()
+    return [(*r[:8], json.loads(r[8]) if r[8] else {}) for r in raw]
+
+
+def _ident(name: str) -> str:
+    return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _literal(value: str) -> str:
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def influxql(measurement: str, field: str | None, filters: Mapping[str, str],
+             lo: int | None, hi: int | None) -> str:
+    """The InfluxQL ``series()`` sends (tags come back through ``GROUP BY *``)."""
+    where = [f"{_ident(k)} = {_literal(v)}" for k, v in filters.items()]
+    if lo is not None:
+        where.append(f"time >= {int(lo)}")
+    if hi is not None:
+        where.append(f"time <= {int(hi)}")
+    q = f"SELECT {_ident(field) if field else '*'} FROM {_ident(measurement)}"
+    if where:
+        q += " WHERE " + " AND ".join(where)
+    return q + " GROUP BY *"
+
+
+def _influx_rows(config: Config, measurement: str, field: str | None,
+                 filters: Mapping[str, str], lo: int | None,
+                 hi: int | None) -> list[tuple[Any, ...]]:
+    ic = config.influxdb
+    db = ic.bucket or ic.database if ic.api == "v2" else ic.database
+    params = {"db": db, "q": influxql(measurement, field, filters, lo, hi), "epoch": "ns",
+              "chunked": "true", "chunk_size": "10000"}
+    if ic.retention_policy:
+        params["rp"] = ic.retention_policy
+    if ic.username:
+        params["u"] = ic.username
+        params["p"] = ic.password or ""
+    headers = {"Accept": "application/json"}
+    if ic.token:
+        headers["Authorization"] = f"Token {ic.token}"
+    url = ic.url.rstrip("/") + "/query"
+    request = urllib.request.Request(url, data=urllib.parse.urlencode(params).encode(),
+                                     headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=ic.timeout_s) as resp:
+            text = resp.read().decode("utf-8")
+    except urllib.error.HTTPError as exc:
+        detail = exc.read().decode("utf-8", "replace")[:200]
+        raise ProvscopeError(f"InfluxDB query at {url} failed: HTTP {exc.code} {detail}") \
+            from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise ProvscopeError(f"InfluxDB at {url} is unreachable: {reason}") from None
+    return _melt_influx(text, measurement)
+
+
+def _melt_influx(text: str, measurement: str) -> list[tuple[Any, ...]]:
+    decoder = json.JSONDecoder()
+    rows: list[tuple[Any, ...]] = []
+    pos, n = 0, len(text)
+    while pos < n:
+        while pos < n and text[pos].isspace():
+            pos += 1
+        if pos >= n:
+            break
+        chunk, pos = decoder.raw_decode(text, pos)
+        if chunk.get("error"):
+            raise ProvscopeError(f"InfluxDB query failed: {chunk['error']}")
+        for result in chunk.get("results", []):
+            if result.get("error"):
+                raise ProvscopeError(f"InfluxDB query failed: {result['error']}")
+            for s in result.get("series", []):
+                tags = {k: v for k, v in (s.get("tags") or {}).items() if v != ""}
+                run_id, host, rank = (tags.pop(k, None) for k in _COLUMN_TAGS)
+                columns = s["columns"]
+                for values in s.get("values", []):
+                    t = int(values[0])
+                    for name, v in zip(columns[1:], values[1:], strict=True):
+                        if v is None:
+                            continue
+                        if isinstance(v, str):
+                            rows.append((t, measurement, name, None, v, run_id, host, rank,
+                                         dict(tags)))
+                        else:
+                            rows.append((t, measurement, name, float(v), None, run_id, host,
+                                         rank, dict(tags)))
+    return rows
