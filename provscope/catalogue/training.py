@@ -20,3 +20,27 @@ SPECS += [
     MetricSpec("train", "grad_norm", "gauge", "1", "Global gradient norm before clipping.", _JOB),
     MetricSpec("train", "eval_loss", "gauge", "1", "Loss on the evaluation set.", _JOB),
 ]
+
+# Layer statistics written by ``provscope.watch`` every N steps (measurement ``layer``, one
+# point per watched module; ``layer_param``: one per parameter tensor when per_param=True).
+_LAYER = ("run_id", "host", "rank", "layer", "module_type")
+_PARAM = (*_LAYER, "param")
+SPECS += [
+    MetricSpec("layer", "step", "gauge", "count", "Training step the layer statistics were taken at.", _LAYER, "int"),
+    MetricSpec("layer", "activation_mean", "gauge", "1", "Mean of the layer's forward output (first tensor).", _LAYER),
+    MetricSpec("layer", "activation_std", "gauge", "1", "Population standard deviation of the layer's forward output.", _LAYER),
+    MetricSpec("layer", "activation_abs_max", "gauge", "1", "Largest absolute value in the layer's forward output.", _LAYER),
+    MetricSpec("layer", "activation_zero_fraction", "gauge", "ratio", "Fraction of exact zeros in the layer's forward output (dead units).", _LAYER),
+    MetricSpec("layer", "activation_nan_count", "gauge", "count", "NaN values in the layer's forward output.", _LAYER, "int"),
+    MetricSpec("layer", "activation_inf_count", "gauge", "count", "Infinite values in the layer's forward output.", _LAYER, "int"),
+    MetricSpec("layer", "forward_seconds", "gauge", "seconds", "Forward time of the layer in the sampled step (all calls summed).", _LAYER),
+    MetricSpec("layer", "backward_seconds", "gauge", "seconds", "Backward time of the layer: output gradient ready to input gradient ready.", _LAYER),
+    MetricSpec("layer", "grad_norm", "gauge", "1", "L2 norm of the gradients of the layer's own parameters.", _LAYER),
+    MetricSpec("layer", "weight_norm", "gauge", "1", "L2 norm of the layer's own parameters after the step.", _LAYER),
+    MetricSpec("layer", "update_ratio", "gauge", "ratio", "||W_after - W_before|| / ||W_before|| around the optimizer step.", _LAYER),
+    MetricSpec("layer", "memory_allocated_delta_bytes", "gauge", "bytes", "CUDA memory allocated during the layer's forward (can be negative).", _LAYER, "int"),
+    MetricSpec("layer_param", "step", "gauge", "count", "Training step of the parameter statistics.", _PARAM, "int"),
+    MetricSpec("layer_param", "grad_norm", "gauge", "1", "L2 norm of one parameter tensor's gradient.", _PARAM),
+    MetricSpec("layer_param", "weight_norm", "gauge", "1", "L2 norm of one parameter tensor.", _PARAM),
+    MetricSpec("layer_param", "update_ratio", "gauge", "ratio", "||W_after - W_before|| / ||W_before|| of one parameter tensor.", _PARAM),
+]

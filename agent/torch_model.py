@@ -1,0 +1,202 @@
+"""Which layers of a model to watch, and the model's lineage description.
+
+Pure functions over an ``nn.Module``: they unwrap DDP / ``torch.compile`` wrappers, select
+layers by name pattern and depth, and describe the model (class, parameter counts, dtype,
+device, a compact architecture summary) for its ``model`` entity.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from provscope.errors import ConfigError
+
+__all__ = ["Layer", "architecture_summary", "describe_model", "select_layers", "unwrap"]
+
+_ARCH_CHARS = 2000
+
+
+@dataclass(frozen=True, slots=True)
+class Layer:
+    """One watched module: its dotted name, class name, and the parameters it owns directly.
+
+    ``params`` are ``(name, tensor)`` pairs; a parameter shared by several modules (tied
+    weights) belongs to the first module that owns it, so norms are never counted twice.
+    """
+
+    name: str
+    module: nn.Module
+    module_type: str
+    params: tuple[tuple[str, nn.Parameter], ...]
+
+
+def unwrap(model: nn.Module) -> tuple[nn.Module, str | None]:
+    """Strip ``DistributedDataParallel`` / ``DataParallel`` (``.module``) and
+    ``torch.compile`` (``._orig_mod``) wrappers.
+
+    Returns ``(inner, compiled_reason)``; ``compiled_reason`` is a sentence when a compiled
+    wrapper was found (per-layer hooks would run inside the compiled graph), else None.
+    """
+    compiled = None
+    inner = model
+    for _ in range(8):  # wrappers nest at most a few levels deep
+        if hasattr(inner, "_orig_mod") and type(inner).__name__ == "OptimizedModule":
+            compiled = (
+                "model is compiled with torch.compile: per-layer forward/backward hooks would "
+                "force recompilation and graph breaks, so activation statistics and layer "
+                "timings are skipped; parameter statistics are computed outside the graph"
+            )
+            inner = inner._orig_mod
+        elif isinstance(getattr(inner, "module", None), nn.Module) and type(inner).__name__ in (
+            "DistributedDataParallel", "DataParallel", "FullyShardedDataParallel",
+        ):
+            inner = inner.module
+        else:
+            break
+    return inner, compiled
+
+
+def _matcher(patterns: Sequence[str] | str | None):
+    if patterns is None:
+        return None
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    compiled = []
+    for pattern in patterns:
+        if not isinstance(pattern, str) or not pattern:
+            raise ConfigError(f"watch(layers=...): {pattern!r} is not a non-empty string; "
+                              "give glob patterns ('encoder.*') or 're:<regex>'")
+        if pattern.startswith("re:"):
+            try:
+                compiled.append(re.compile(pattern[3:]).fullmatch)
+            except re.error as exc:
+                raise ConfigError(f"watch(layers=...): bad regex {pattern[3:]!r}: {exc}") from None
+        else:
+            compiled.append(lambda name, p=pattern: fnmatch.fnmatchcase(name, p))
+    return lambda name: any(m(name) for m in compiled)
+
+
+def select_layers(
+    model: nn.Module,
+    layers: Sequence[str] | str | None = None,
+    depth: int | None = None,
+    max_layers: int = 512,
+) -> list[Layer]:
+    """Pick the modules to watch.
+
+    Default: every leaf module plus every module that owns parameters directly (e.g.
+    ``MultiheadAttention``, whose projection weights are its own). ``depth`` cuts the tree:
+    modules exactly ``depth`` levels down are taken whole, shallower leaves too.
+    ``layers`` keeps only names matching one of the patterns (glob, or ``re:<regex>``
+    matched against the whole dotted name); with patterns, non-leaf modules may match.
+    TorchScript modules are skipped (hooks do not run inside them).
+
+    Raises:
+        ConfigError: bad pattern or depth, or more than ``max_layers`` layers selected
+            (the message names the count, the cap and the setting).
+    """
+    if depth is not None and (not isinstance(depth, int) or depth < 1):
+        raise ConfigError(f"watch(depth=...): {depth!r} is not an integer >= 1")
+    match = _matcher(layers)
+    chosen: list[tuple[str, nn.Module]] = []
+    for name, module in model.named_modules():
+        if not name or isinstance(module, _script_types()):
+            continue
+        level = name.count(".") + 1
+        if depth is not None and level > depth:
+            continue
+        is_leaf = next(module.children(), None) is None
+        owns = next(module.parameters(recurse=False), None) is not None
+        if match is not None:
+            ok = match(name)
+        elif depth is not None:
+            ok = level == depth or is_leaf
+        else:
+            ok = is_leaf or owns
+        if ok:
+            chosen.append((name, module))
+    if not chosen and next(model.parameters(), None) is not None and match is None:
+        chosen = [("", model)]  # a model with no submodules is its own single layer
+    if len(chosen) > max_layers:
+        raise ConfigError(
+            f"watch(): {len(chosen)} layers selected, more than the cap of {max_layers} "
+            "(setting torch.max_layers / PROVSCOPE_TORCH_MAX_LAYERS, or max_layers=); "
+            "narrow the choice with layers= patterns or depth="
+        )
+    seen: set[int] = set()
+    out = []
+    for name, module in chosen:
+        params = []
+        for pname, param in module.named_parameters(recurse=depth is not None or match is not None):
+            if id(param) in seen:
+                continue
+            seen.add(id(param))
+            params.append((pname, param))
+        out.append(Layer(name or type(module).__name__, module, type(module).__name__,
+                         tuple(params)))
+    return out
+
+
+def _script_types() -> tuple[type, ...]:
+    import torch.jit
+
+    return (torch.jit.ScriptModule,)
+
+
+def architecture_summary(model: nn.Module, max_depth: int = 3) -> str:
+    """A compact one-string summary: the module tree to ``max_depth`` levels, with runs of
+    identical siblings collapsed (``layers: 12x GPT2Block(...)``); at most 2000 characters."""
+
+    def describe(module: nn.Module, level: int) -> str:
+        children = list(module.named_children())
+        name = type(module).__name__
+        if not children:
+            extra = module.extra_repr()
+            return f"{name}({extra})" if extra and len(extra) < 60 else name
+        if level >= max_depth:
+            return f"{name}(...)"
+        parts: list[str] = []
+        i = 0
+        while i < len(children):
+            cname, child = children[i]
+            text = describe(child, level + 1)
+            j = i + 1
+            while j < len(children) and describe(children[j][1], level + 1) == text:
+                j += 1
+            if j - i > 1:
+                parts.append(f"{cname}..{children[j - 1][0]}: {j - i}x {text}")
+            else:
+                parts.append(f"{cname}: {text}")
+            i = j
+        return f"{name}({', '.join(parts)})"
+
+    text = describe(model, 0)
+    return text if len(text) <= _ARCH_CHARS else text[: _ARCH_CHARS - 3] + "..."
+
+
+def describe_model(model: nn.Module, layers: Sequence[Layer]) -> dict[str, Any]:
+    """Attributes of the model's lineage entity: class, parameter counts (total, trainable,
+    per watched layer), dominant dtype and device, and the architecture summary."""
+    params = list(model.parameters())
+    dtypes = Counter(str(p.dtype).removeprefix("torch.") for p in params)
+    devices = Counter(str(p.device) for p in params)
+    cls = type(model)
+    return {
+        "class": f"{cls.__module__}.{cls.__qualname__}",
+        "parameters_total": sum(p.numel() for p in params),
+        "trainable_parameters": sum(p.numel() for p in params if p.requires_grad),
+        "parameters_per_layer": {
+            layer.name: sum(p.numel() for _, p in layer.params) for layer in layers
+        },
+        "dtype": dtypes.most_common(1)[0][0] if dtypes else None,
+        "dtypes": dict(dtypes),
+        "device": devices.most_common(1)[0][0] if devices else None,
+        "architecture": architecture_summary(model),
+    }
