@@ -1,0 +1,139 @@
+"""Line protocol encoding speed: provscope's encoder against influxdb-client's serializer.
+
+Both encode the same points (tags, mixed float/int/bool/str fields) with native int
+encoding (``ints_as_float=False``, the only mode influxdb-client has), and the bytes are
+checked to be identical before any figure is printed. Each side's best of several rounds
+is kept, because the machine is shared and the minimum is the least noisy estimate.
+
+Usage: python benchmarks/encode.py [--quick]
+"""
+
+from __future__ import annotations
+
+import random
+import struct
+import sys
+import time
+
+import _common
+from influxdb_client import Point as ClientPoint
+
+from provscope.exporters.lineprotocol import encode_batch
+from provscope.records import Point
+
+__all__ = ["make_points"]
+
+
+def _f32(x: float) -> float:
+    # Training scalars come from float32 tensors (.item()): long repr digits.
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
+def make_points(n: int, seed: int = 1) -> list[Point]:
+    """``n`` points shaped like provscope's telemetry, with values as their sources give them.
+
+    NVML reports integer percent/celsius and milliwatts, psutil one-decimal percents,
+    training scalars are float32 tensor values; 3-4 tags, mixed float/int/bool/str fields.
+    """
+    rnd = random.Random(seed)
+    hosts = [f"node-{i:03d}" for i in range(8)]
+    runs = [f"0192f7a0-{i:04x}-7000-8000-00000000000{i}" for i in range(4)]
+    t0 = 1_795_544_890_000_000_000
+    out = []
+    for i in range(n):
+        kind = i % 4
+        host = hosts[i % len(hosts)]
+        if kind == 0:
+            out.append(Point("gpu", {"host": host, "gpu": str(i % 8), "gpu_uuid": f"GPU-{i % 8}"},
+                             {"utilization_percent": float(rnd.randrange(101)),
+                              "memory_used_bytes": rnd.randrange(1 << 34),
+                              "power_watts": rnd.randrange(50_000, 700_000) / 1000,
+                              "temperature_celsius": float(rnd.randrange(30, 90)),
+                              "throttled": i % 7 == 0},
+                             t0 + i))
+        elif kind == 1:
+            out.append(Point("train", {"host": host, "run_id": runs[i % 4], "rank": str(i % 8)},
+                             {"loss": _f32(rnd.random() * 3), "step": i,
+                              "lr": _f32(1e-4 * rnd.random()), "phase": "train"}, t0 + i))
+        elif kind == 2:
+            out.append(Point("layer", {"host": host, "run_id": runs[i % 4], "rank": "0",
+                                       "layer": f"model.layers.{i % 32}.mlp"},
+                             {"grad_norm": _f32(rnd.random()), "weight_norm": _f32(rnd.random()),
+                              "step": i}, t0 + i))
+        else:
+            out.append(Point("cpu", {"host": host},
+                             {"utilization_percent": rnd.randrange(1001) / 10,
+                              "ctx_switches_total": i, "load1": rnd.randrange(800) / 100},
+                             t0 + i))
+    return out
+
+
+def _client_encode(points: list[Point]) -> bytes:
+    # The same work influxdb-client's write path does per point: build its Point, serialize.
+    lines = []
+    for p in points:
+        cp = ClientPoint(p.measurement)
+        for k, v in p.tags.items():
+            cp.tag(k, v)
+        for k, v in p.fields.items():
+            cp.field(k, v)
+        cp.time(p.time_ns)
+        line = cp.to_line_protocol()
+        if line:
+            lines.append(line)
+    return "\n".join(lines).encode()
+
+
+def _client_serialize_only(points: list[ClientPoint]) -> bytes:
+    return "\n".join(filter(None, (p.to_line_protocol() for p in points))).encode()
+
+
+def _best(fn, arg, rounds: int) -> tuple[float, bytes]:
+    best = float("inf")
+    out = b""
+    for _ in range(rounds):
+        t = time.perf_counter()
+        out = fn(arg)
+        best = min(best, time.perf_counter() - t)
+    return best, out
+
+
+def main() -> int:
+    args = _common.parser(__doc__.splitlines()[0]).parse_args()
+    n = 20_000 if args.quick else 100_000
+    rounds = 3 if args.quick else 5
+    points = make_points(n)
+    client_points = []
+    for p in points:
+        cp = ClientPoint(p.measurement)
+        for k, v in p.tags.items():
+            cp.tag(k, v)
+        for k, v in p.fields.items():
+            cp.field(k, v)
+        client_points.append(cp.time(p.time_ns))
+
+    ours_s, ours = _best(lambda pts: encode_batch(pts, ints_as_float=False), points, rounds)
+    ser_s, ref = _best(_client_serialize_only, client_points, rounds)
+    full_s, ref_full = _best(_client_encode, points, max(1, rounds - 2))
+    identical = ours == ref == ref_full
+    print(f"# {n} points, {len(ours)} bytes, identical bytes: {identical}", file=sys.stderr)
+    if not identical:
+        print("bytes differ from influxdb-client's; no figures", file=sys.stderr)
+        return 1
+    _, native = _best(encode_batch, points, 1)  # the pipeline's mode (ints as floats)
+    pol_s, _ = _best(encode_batch, points, rounds)
+    _common.emit([
+        _common.figure("encode", "points_per_s", n / ours_s, "points/s", "higher",
+                       baseline="influxdb-client Point.to_line_protocol",
+                       baseline_value=n / ser_s, identical_bytes=identical, points=n),
+        _common.figure("encode", "points_per_s_vs_build_and_serialize", n / ours_s, "points/s",
+                       "higher", baseline="influxdb-client Point build + to_line_protocol",
+                       baseline_value=n / full_s, points=n),
+        _common.figure("encode", "points_per_s_ints_as_float", n / pol_s, "points/s", "higher",
+                       points=n),
+    ])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
