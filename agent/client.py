@@ -1,0 +1,855 @@
+"""The in-job API: workflows (runs), tasks, scalars, entities, loop helpers.
+
+Typical use::
+
+    import provscope
+
+    with provscope.workflow("finetune", config=cfg) as run:
+        run.use("data/train.jsonl", kind="dataset")
+        for epoch in run.epochs(3):
+            for step, batch in run.steps(loader):
+                loss = train_step(batch)
+                run.log(loss=loss, lr=sched.get_last_lr()[0])
+            with run.task("eval", kind="eval"):
+                run.log(eval_loss=evaluate())
+        run.produce("out/model.pt", kind="checkpoint")
+
+Guarantees: nothing here blocks the job (records go to a bounded buffer drained by a
+background thread) and nothing raises into it; the only exceptions that leave a
+``@provscope.task`` function or a ``with run.task(...)`` block are the user's own,
+unchanged, after being recorded. Every swallowed error is counted (``Run.errors``).
+Outside any workflow the API works through an *implicit run*, created on first use and
+closed at exit. ``PROVSCOPE_ENABLED=0`` turns all of it into no-ops.
+"""
+
+from __future__ import annotations
+
+import functools
+import getpass
+import inspect
+import logging
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+from provscope.agent import capture, context
+from provscope.agent.context import run_var, task_var, wrap
+from provscope.agent.sink import Sink, flush_all, get_sink, on_exit
+
+from provscope import env
+from provscope.config import Config, load_config
+from provscope.errors import ConfigError
+from provscope.ids import new_id
+from provscope.records import (
+    ENTITY_KINDS,
+    TASK_KINDS,
+    EntityRecord,
+    Point,
+    RelationRecord,
+    RunRecord,
+    TaskRecord,
+)
+
+__all__ = [
+    "Run",
+    "Task",
+    "current_run",
+    "enabled",
+    "flush",
+    "log",
+    "produce",
+    "task",
+    "use",
+    "workflow",
+    "wrap",
+]
+
+log_ = logging.getLogger("provscope.client")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+MAX_ERROR_CHARS = 4000
+TRAIN = "train"
+_INT_FIELDS = frozenset({"step", "epoch"})
+_COUNT_KEYS = {"point": "points", "task": "tasks", "entity": "entities", "relation": "relations",
+               "run": "runs"}
+
+
+def enabled() -> bool:
+    """False when ``PROVSCOPE_ENABLED`` is 0/false/no/off: the whole API is a no-op."""
+    return os.environ.get(env.ENABLED, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def detect_rank() -> int:
+    """``PROVSCOPE_RANK``, else ``RANK``, else torch.distributed when initialised, else 0."""
+    for name in (env.RANK, "RANK"):
+        value = os.environ.get(name)
+        if value is not None and value.strip().lstrip("-").isdigit():
+            return int(value)
+    torch = sys.modules.get("torch")  # never import torch just to ask
+    if torch is not None:
+        try:
+            dist = torch.distributed
+            if dist.is_available() and dist.is_initialized():
+                return int(dist.get_rank())
+        except Exception:
+            pass
+    return 0
+
+
+def _resolve_settings(settings: Any) -> Config:
+    if isinstance(settings, Config):
+        return settings
+    try:
+        if settings is None:
+            return load_config()
+        if isinstance(settings, Mapping):
+            return load_config(overrides=settings)
+        return load_config(settings)
+    except ConfigError as exc:
+        log_.error("provscope: %s; recording with the default settings instead", exc)
+        return Config()
+
+
+def _error_text(exc: BaseException) -> str:
+    text = f"{type(exc).__qualname__}: {exc}"
+    return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 3] + "..."
+
+
+def _scalar(value: Any) -> float | int | bool | str | None:
+    if value is None:
+        return None
+    if isinstance(value, bool | int | float | str):
+        return value
+    item = getattr(value, "item", None)  # 0-d tensors, numpy scalars
+    if callable(item):
+        value = item()
+        if isinstance(value, bool | int | float):
+            return value
+    return float(value)
+
+
+# ----------------------------------------------------------------------------- tasks
+
+
+class Task:
+    """One open task (a PROV activity). Yielded by ``run.task(...)``.
+
+    Attributes: ``task_id``, ``name``, ``kind``, ``parent_task_id``, ``run``; ``result``
+    holds what ``set_result`` added (written with the end record).
+    """
+
+    __slots__ = ("_meter", "kind", "name", "params", "parent_task_id", "result", "run",
+                 "start_ns", "task_id")
+
+    def __init__(self, run: Run, name: str, kind: str, parent_task_id: str | None,
+                 params: Mapping[str, Any] | None) -> None:
+        self.run = run
+        self.task_id = new_id()
+        self.name = name
+        self.kind = kind
+        self.parent_task_id = parent_task_id
+        self.params = params
+        self.result: dict[str, Any] = {}
+        self.start_ns = time.time_ns()
+        self._meter: capture.ResourceMeter | None = None
+
+    def set_result(self, **values: Any) -> None:
+        """Add summarised values to the task's result (written at task end)."""
+        for key, value in values.items():
+            self.result[key] = capture.summarise(value)
+
+    def use(self, path_or_uri: str | os.PathLike[str], kind: str = "dataset",
+            **attrs: Any) -> str:
+        """``run.use`` with this task as the user. Returns the entity id."""
+        return self.run.use(path_or_uri, kind, task_id=self.task_id, **attrs)
+
+    def produce(self, path_or_uri: str | os.PathLike[str], kind: str = "checkpoint",
+                step: int | None = None, **attrs: Any) -> str:
+        """``run.produce`` with this task as the generator. Returns the entity id."""
+        return self.run.produce(path_or_uri, kind, step, task_id=self.task_id, **attrs)
+
+    def __repr__(self) -> str:
+        return f"Task({self.name!r}, kind={self.kind!r}, task_id={self.task_id!r})"
+
+
+class _TaskScope:
+    """``with`` / ``async with`` around one task: start record, context, end record."""
+
+    __slots__ = ("_run", "_tokens", "args", "kind", "name", "params", "task")
+
+    def __init__(self, run: Run, name: str, kind: str, params: Mapping[str, Any] | None,
+                 args: Mapping[str, Any] | None = None) -> None:
+        self._run = run
+        self.name = name
+        self.kind = kind
+        self.params = params
+        self.args = args  # raw call arguments of a decorated function (paths -> entities)
+        self.task: Task | None = None
+        self._tokens: tuple[Any, Any] | None = None
+
+    def __enter__(self) -> Task:
+        run = self._run
+        try:
+            task = self.task = run._start_task(self.name, self.kind, self.params, self.args)
+            self._tokens = (run_var.set(run), task_var.set(task.task_id))
+            return task
+        except Exception:
+            run.errors += 1
+            return self.task or Task(run, self.name, self.kind, None, None)
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
+        try:
+            if self._tokens is not None:
+                run_token, task_token = self._tokens
+                self._tokens = None
+                try:
+                    task_var.reset(task_token)
+                    run_var.reset(run_token)
+                except ValueError:  # closed from another context (a collected generator)
+                    pass
+            if self.task is not None:
+                self._run._end_task(self.task, exc)
+        except Exception:
+            self._run.errors += 1
+        return False  # the user's exception, if any, goes on unchanged
+
+    async def __aenter__(self) -> Task:
+        return self.__enter__()
+
+    async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
+        return self.__exit__(exc_type, exc, tb)
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+class Run:
+    """A workflow run: the unit that tasks, scalars and entities belong to.
+
+    Create it with ``provscope.workflow(...)``. Attributes: ``run_id``, ``name``, ``host``,
+    ``rank``, ``config`` (provscope settings), ``hparams`` (the user's config, JSON-safe),
+    ``owner`` (False when joining a run started by ``provscope run``), ``errors``
+    (exceptions swallowed), ``counts`` (records emitted by kind).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        hparams: Any = None,
+        *,
+        settings: Any = None,
+        campaign: str | None = None,
+        parent_run_id: str | None = None,
+        implicit: bool = False,
+        disabled: bool = False,
+    ) -> None:
+        self.enabled = enabled() and not disabled
+        self.name = name
+        self.implicit = implicit
+        self.config: Config = _resolve_settings(settings) if self.enabled else Config()
+        self.host = self.config.host_name
+        self.rank = detect_rank()
+        self.campaign = campaign
+        self.parent_run_id = parent_run_id
+        joined = os.environ.get(env.RUN_ID, "").strip()
+        outer = context.context_run()
+        if joined and (outer is None or outer.implicit or outer.run_id == joined):
+            # Started by `provscope run`: join its run; it owns the run's start and end.
+            self.run_id = joined
+            self.owner = False
+            self.root_parent: str | None = os.environ.get(env.PARENT_TASK_ID) or None
+        else:
+            self.run_id = new_id()
+            self.owner = True
+            self.root_parent = None
+            if self.parent_run_id is None and outer is not None and not outer.implicit:
+                self.parent_run_id = outer.run_id
+        self.hparams = capture.to_jsonable(hparams) if hparams is not None else None
+        self.status = "created"
+        self.errors = 0
+        self.counts = {"points": 0, "tasks": 0, "entities": 0, "relations": 0, "runs": 0}
+        self.step: int | None = None
+        self.epoch: int | None = None
+        self._tags = {"run_id": self.run_id, "host": self.host, "rank": str(self.rank)}
+        self._sink: Sink | None = get_sink(self.config) if self.enabled else None
+        self._owner_thread = threading.get_ident()
+        self._main_stack: list[str] = []
+        self._tokens: tuple[Any, Any] | None = None
+        self._start_ns: int | None = None
+        self._warned: set[str] = set()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> Run:
+        """Open the run: write its start record (rank 0, owner) and make it current."""
+        if self.status != "created":
+            return self
+        self.status = "running"
+        self._start_ns = time.time_ns()
+        try:
+            if not self.implicit:
+                self._tokens = (run_var.set(self), task_var.set(self.root_parent))
+                context.push_run(self)
+            if self.enabled and self.owner and self.rank == 0:
+                self.emit(self._run_record(start=True))
+        except Exception:
+            self.errors += 1
+        return self
+
+    def finish(self, status: str = "finished", error: BaseException | None = None) -> None:
+        """Close the run: end record with ``status`` (finished/failed). Idempotent."""
+        if self.status not in ("running", "created"):
+            return
+        self.status = status
+        try:
+            if self.enabled and self.owner and self.rank == 0:
+                self.emit(RunRecord(run_id=self.run_id, end_ns=time.time_ns(), status=status))
+        except Exception:
+            self.errors += 1
+        if error is not None:
+            log_.debug("run %s failed: %s", self.run_id, _error_text(error))
+        if self._tokens is not None:
+            run_token, task_token = self._tokens
+            self._tokens = None
+            try:
+                task_var.reset(task_token)
+                run_var.reset(run_token)
+            except ValueError:
+                pass
+        context.pop_run(self)
+
+    def __enter__(self) -> Run:
+        return self.start()
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
+        self.finish("failed" if exc is not None else "finished", exc)
+        return False
+
+    def _run_record(self, start: bool) -> RunRecord:
+        try:
+            user = getpass.getuser()
+        except Exception:
+            user = None
+        return RunRecord(
+            run_id=self.run_id, name=self.name, parent_run_id=self.parent_run_id,
+            campaign=self.campaign, user=user, host=self.host, start_ns=self._start_ns,
+            status="running", config=self.hparams if isinstance(self.hparams, dict)
+            else ({"value": self.hparams} if self.hparams is not None else None),
+            code=capture.code_version(capture.script_dir()) or None,
+            environment=capture.environment(), command=capture.command_line(),
+        )
+
+    # ------------------------------------------------------------------ emitting
+
+    def emit(self, record: Any) -> None:
+        """Hand any Point or lineage record to the sink. Never blocks, never raises."""
+        sink = self._sink
+        if sink is None:
+            return
+        try:
+            sink.submit(record)
+            key = _COUNT_KEYS.get(record.kind)
+            if key is not None:
+                self.counts[key] += 1
+        except Exception:
+            self.errors += 1
+
+    def flush(self, timeout_s: float = 10.0) -> bool:
+        """Wait up to ``timeout_s`` until this run's records are written. Blocks."""
+        return self._sink.flush(timeout_s) if self._sink is not None else True
+
+    def written(self) -> dict[str, int]:
+        """Records the destinations accepted so far (embedded mode), after a ``flush``."""
+        return self._sink.written() if self._sink is not None else {"points": 0, "lineage": 0}
+
+    @property
+    def sink_mode(self) -> str:
+        """``agent``, ``embedded``, ``drop``, ``failed``, ``pending`` or ``disabled``."""
+        return self._sink.mode if self._sink is not None else "disabled"
+
+    # ------------------------------------------------------------------ scalars
+
+    def log(self, step: int | None = None, **scalars: Any) -> None:
+        """Record scalars as one ``train`` point tagged run_id/host/rank.
+
+        ``step`` is a field (the current ``steps()`` step when omitted). Values may be
+        numbers, bools, short strings, 0-d tensors or numpy scalars; others are skipped
+        and counted in ``errors``. Never blocks, never raises.
+        """
+        if self._sink is None:
+            return
+        try:
+            fields: dict[str, Any] = {}
+            for key, value in scalars.items():
+                try:
+                    v = _scalar(value)
+                except Exception:
+                    self.errors += 1
+                    continue
+                if v is None:
+                    continue
+                if key in _INT_FIELDS and isinstance(v, float) and v.is_integer():
+                    v = int(v)
+                elif isinstance(v, int) and not isinstance(v, bool) and key not in _INT_FIELDS:
+                    v = float(v)
+                fields[key] = v
+            if step is None:
+                step = self.step
+            if step is not None:
+                fields["step"] = int(step)
+            if self.epoch is not None and "epoch" not in fields:
+                fields["epoch"] = self.epoch
+            if not fields:
+                return
+            self.emit(Point(TRAIN, self._tags, fields, time.time_ns()))
+        except Exception:
+            self.errors += 1
+
+    # ------------------------------------------------------------------ tasks
+
+    def task(self, name: str, kind: str = "task", **params: Any) -> _TaskScope:
+        """A context manager (sync or async) around one task; yields a ``Task``.
+
+        ``params`` are summarised into the task's params. The block's exception, if any,
+        is recorded (status failed, error text) and goes on unchanged.
+        """
+        try:
+            summary = {k: capture.summarise(v) for k, v in params.items()} or None
+        except Exception:
+            summary = None
+        return _TaskScope(self, name, kind, summary)
+
+    def current_task_id(self) -> str | None:
+        """The innermost open task of this context (None at the run's top level)."""
+        try:
+            return context.context_task(self)
+        except Exception:
+            return None
+
+    def fallback_task_id(self) -> str | None:
+        """For threads with no context: the innermost task open in the run's main thread."""
+        stack = self._main_stack
+        return stack[-1] if stack else self.root_parent
+
+    def _start_task(self, name: str, kind: str, params: Mapping[str, Any] | None,
+                    args: Mapping[str, Any] | None = None) -> Task:
+        if kind not in TASK_KINDS:
+            self._warn_once(f"kind:{kind}", f"task kind {kind!r} is not one of "
+                            f"{', '.join(TASK_KINDS)}; recorded as 'other'")
+            kind = "other"
+        task = Task(self, name, kind, self.current_task_id(), params)
+        if self._sink is None:
+            return task
+        if threading.get_ident() == self._owner_thread:
+            self._main_stack.append(task.task_id)
+        task._meter = capture.ResourceMeter()
+        self.emit(TaskRecord(
+            task_id=task.task_id, run_id=self.run_id, parent_task_id=task.parent_task_id,
+            name=name, task_kind=kind, host=self.host, rank=self.rank, pid=os.getpid(),
+            start_ns=task.start_ns, status="running", params=params,
+        ))
+        if args:
+            for role, value in args.items():
+                self.use(value, "file", role=role, task_id=task.task_id)
+        return task
+
+    def _end_task(self, task: Task, exc: BaseException | None) -> None:
+        if self._sink is None:
+            return
+        stack = self._main_stack
+        if task.task_id in stack:
+            stack.remove(task.task_id)
+        resources = task._meter.stop() if task._meter is not None else None
+        failed = exc is not None and not isinstance(exc, GeneratorExit | StopIteration)
+        self.emit(TaskRecord(
+            task_id=task.task_id, run_id=self.run_id, parent_task_id=task.parent_task_id,
+            name=task.name, task_kind=task.kind, host=self.host, rank=self.rank,
+            pid=os.getpid(), start_ns=task.start_ns, end_ns=time.time_ns(),
+            status="failed" if failed else "finished",
+            error=_error_text(exc) if failed and exc is not None else None,
+            result=task.result or None, resources=resources,
+        ))
+
+    # ------------------------------------------------------------------ entities
+
+    def use(self, path_or_uri: str | os.PathLike[str], kind: str = "dataset", *,
+            role: str | None = None, name: str | None = None, task_id: str | None = None,
+            **attrs: Any) -> str:
+        """Record that the current task (or the run) used a file, directory or URI.
+
+        Local files up to ``client.hash_max_bytes`` are hashed (sha256, streaming; this
+        blocks while it reads); bigger ones get size and mtime only. Returns the entity
+        id. Never raises.
+        """
+        return self._entity("used", path_or_uri, kind, role, name, task_id, None, attrs)
+
+    def produce(self, path_or_uri: str | os.PathLike[str], kind: str = "checkpoint",
+                step: int | None = None, *, role: str | None = None, name: str | None = None,
+                task_id: str | None = None, **attrs: Any) -> str:
+        """Record that the current task (or the run) generated a file or URI.
+
+        ``step`` (default: the current ``steps()`` step) goes into the attributes.
+        Hashing as for ``use``. Returns the entity id. Never raises.
+        """
+        return self._entity("generated", path_or_uri, kind, role, name, task_id,
+                            step if step is not None else self.step, attrs)
+
+    def _entity(self, relation: str, path_or_uri: Any, kind: str, role: str | None,
+                name: str | None, task_id: str | None, step: int | None,
+                attrs: Mapping[str, Any]) -> str:
+        entity_id = new_id()
+        if self._sink is None:
+            return entity_id
+        try:
+            attributes = {k: capture.summarise(v) for k, v in attrs.items()}
+            if kind not in ENTITY_KINDS:
+                attributes["declared_kind"] = str(kind)
+                self._warn_once(f"entity:{kind}", f"entity kind {kind!r} is not one of "
+                                f"{', '.join(ENTITY_KINDS)}; recorded as 'artifact'")
+                kind = "artifact"
+            if isinstance(path_or_uri, str | os.PathLike):
+                found = capture.describe_path(path_or_uri, self.config.client.hash_max_bytes)
+            else:
+                found = {"uri": None, "name": type(path_or_uri).__name__, "digest": None,
+                         "size_bytes": None, "attributes": {
+                             "value": capture.summarise(path_or_uri)}}
+            attributes.update(found["attributes"])
+            if step is not None:
+                attributes["step"] = int(step)
+            now = time.time_ns()
+            self.emit(EntityRecord(
+                entity_id=entity_id, entity_kind=kind, uri=found["uri"], run_id=self.run_id,
+                name=name or found["name"], digest=found["digest"],
+                size_bytes=found["size_bytes"], attributes=attributes or None, created_ns=now,
+            ))
+            subject = task_id or self.current_task_id() or self.run_id
+            self.emit(RelationRecord(relation, subject, entity_id, run_id=self.run_id,
+                                     role=role or kind, time_ns=now))
+        except Exception:
+            self.errors += 1
+        return entity_id
+
+    # ------------------------------------------------------------------ loops
+
+    def epochs(self, n: int, *, start: int = 0) -> Iterator[int]:
+        """Yield ``start .. n-1``, each inside an ``epoch`` task (the loop body's parent).
+
+        Leaving the loop early (``break``) closes the open epoch as finished.
+        """
+        for epoch in range(start, n):
+            self.epoch = epoch
+            scope = _TaskScope(self, f"epoch {epoch}", "epoch", {"epoch": epoch})
+            scope.__enter__()
+            try:
+                yield epoch
+            finally:
+                scope.__exit__(None, None, None)
+
+    def steps(self, iterable: Iterable[Any], *, log_every: int = 1,
+              task_every: int | None = None) -> Iterator[tuple[int, Any]]:
+        """Yield ``(step, item)`` with a global step counter that continues across epochs.
+
+        Each step's wall time (fetching the item plus the loop body) is logged as
+        ``step_time_seconds`` every ``log_every`` steps (0: never). Step *tasks* are
+        sampled: one ``step`` task row every ``task_every`` steps (default
+        ``client.step_task_every``; 0: none), so a million steps do not make a million rows.
+        """
+        every = self.config.client.step_task_every if task_every is None else task_every
+        iterator = iter(iterable)
+        step = self.step + 1 if self.step is not None else 0
+        while True:
+            t0 = time.perf_counter()
+            start_ns = time.time_ns()
+            try:
+                item = next(iterator)
+            except StopIteration:
+                return
+            self.step = step
+            yield step, item
+            if self._sink is not None:
+                try:
+                    elapsed = time.perf_counter() - t0
+                    if log_every and step % log_every == 0:
+                        self.log(step=step, step_time_seconds=elapsed)
+                    if every and step % every == 0:
+                        self.emit(TaskRecord(
+                            task_id=new_id(), run_id=self.run_id,
+                            parent_task_id=self.current_task_id(), name=f"step {step}",
+                            task_kind="step", host=self.host, rank=self.rank, pid=os.getpid(),
+                            start_ns=start_ns, end_ns=time.time_ns(), status="finished",
+                            params={"step": step},
+                            resources={"wall_seconds": round(elapsed, 6)},
+                        ))
+                except Exception:
+                    self.errors += 1
+            step += 1
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log_.warning("provscope: %s", message)
+
+    def __repr__(self) -> str:
+        return f"Run({self.name!r}, run_id={self.run_id!r}, rank={self.rank})"
+
+
+# ----------------------------------------------------------------------------- module API
+
+_implicit: Run | None = None
+_implicit_lock = threading.Lock()
+
+
+def workflow(name: str, config: Any = None, *, campaign: str | None = None,
+             parent_run_id: str | None = None, settings: Any = None) -> Run:
+    """A new run, to use as ``with provscope.workflow("train", config=cfg) as run:``.
+
+    Args:
+        name: the workflow's name.
+        config: the job's own configuration (dict, dataclass, pydantic model, argparse
+            namespace); stored JSON-safe on the run row.
+        campaign: free label grouping runs (a sweep, a paper).
+        parent_run_id: the run this one belongs to (default: the enclosing workflow).
+        settings: provscope settings: a ``Config``, a mapping of dotted overrides
+            (``{"influxdb.url": ...}``), a YAML path, or None (file/env defaults).
+
+    Rank 0 writes the run's start and end records; every rank writes its tasks. With
+    ``PROVSCOPE_RUN_ID`` set (by ``provscope run``) the workflow joins that run instead.
+    """
+    try:
+        return Run(name, config, settings=settings, campaign=campaign,
+                   parent_run_id=parent_run_id)
+    except Exception:
+        log_.warning("provscope: cannot start workflow %r; recording disabled for it", name,
+                     exc_info=True)
+        return Run(name, disabled=True)
+
+
+def current_run() -> Run | None:
+    """The active run of this context/thread, else the process's innermost open workflow,
+    else the implicit run if one was created; None when nothing is recording."""
+    run = context.context_run()
+    return run if run is not None else _implicit
+
+
+def _run_or_implicit() -> Run:
+    run = current_run()
+    if run is not None:
+        return run
+    global _implicit
+    with _implicit_lock:
+        if _implicit is None:
+            main = sys.modules.get("__main__")
+            script = getattr(main, "__file__", None) or (sys.argv[0] if sys.argv else "")
+            name = Path(script).stem if script else "python"
+            run = Run(name or "python", implicit=True)
+            run.start()
+            _install_excepthook(run)
+            on_exit(_close_implicit)
+            _implicit = run
+        return _implicit
+
+
+_uncaught: list[BaseException] = []
+
+
+def _install_excepthook(run: Run) -> None:
+    previous = sys.excepthook
+
+    def hook(exc_type: Any, exc: BaseException, tb: Any) -> None:
+        _uncaught.append(exc)
+        previous(exc_type, exc, tb)
+
+    sys.excepthook = hook
+
+
+def _close_implicit() -> None:
+    run = _implicit
+    if run is not None:
+        run.finish("failed" if _uncaught else "finished")
+
+
+def log(step: int | None = None, **scalars: Any) -> None:
+    """``current_run().log(...)`` (implicit run outside a workflow). Never raises."""
+    if enabled():
+        _run_or_implicit().log(step, **scalars)
+
+
+def use(path_or_uri: str | os.PathLike[str], kind: str = "dataset", **attrs: Any) -> str:
+    """``current_run().use(...)`` (implicit run outside a workflow). Returns the entity id."""
+    if not enabled():
+        return new_id()
+    return _run_or_implicit().use(path_or_uri, kind, **attrs)
+
+
+def produce(path_or_uri: str | os.PathLike[str], kind: str = "checkpoint",
+            step: int | None = None, **attrs: Any) -> str:
+    """``current_run().produce(...)`` (implicit run outside a workflow). Returns the id."""
+    if not enabled():
+        return new_id()
+    return _run_or_implicit().produce(path_or_uri, kind, step, **attrs)
+
+
+def flush(timeout_s: float = 10.0) -> bool:
+    """Wait up to ``timeout_s`` until everything recorded so far is written. Blocks."""
+    try:
+        return flush_all(timeout_s)
+    except Exception:
+        return False
+
+
+# ----------------------------------------------------------------------------- @task
+
+
+def _call_arguments(sig: inspect.Signature | None, args: tuple[Any, ...],
+                    kwargs: dict[str, Any]) -> dict[str, Any]:
+    if sig is None:
+        out = {f"arg{i}": v for i, v in enumerate(args)}
+        out.update(kwargs)
+        return out
+    try:
+        bound = sig.bind_partial(*args, **kwargs)
+    except TypeError:
+        return {f"arg{i}": v for i, v in enumerate(args)} | kwargs
+    out: dict[str, Any] = {}
+    for name, value in bound.arguments.items():
+        kind = sig.parameters[name].kind
+        if kind is inspect.Parameter.VAR_KEYWORD:
+            out.update(value)
+        elif kind is inspect.Parameter.VAR_POSITIONAL:
+            for i, v in enumerate(value):
+                out[f"{name}[{i}]"] = v
+        elif name not in ("self", "cls"):
+            out[name] = value
+    return out
+
+
+def _scope_for_call(fn_name: str, kind: str, sig: inspect.Signature | None,
+                    capture_args: bool, args: tuple[Any, ...],
+                    kwargs: dict[str, Any]) -> _TaskScope | None:
+    try:
+        run = _run_or_implicit()
+        params: dict[str, Any] | None = None
+        paths: dict[str, Any] | None = None
+        if capture_args:
+            params, paths = {}, {}
+            for name, value in _call_arguments(sig, args, kwargs).items():
+                if capture.looks_like_path(value):
+                    paths[name] = value
+                else:
+                    params[name] = capture.summarise(value)
+        return _TaskScope(run, fn_name, kind, params or None, paths or None)
+    except Exception:
+        return None
+
+
+def _record_return(task: Task, value: Any) -> None:
+    try:
+        values = value if isinstance(value, tuple) else (value,)
+        paths = [v for v in values if capture.looks_like_path(v)]
+        for i, path in enumerate(paths):
+            task.run.produce(path, "file", role="return" if len(paths) == 1 else f"return[{i}]",
+                             task_id=task.task_id)
+        if not paths or len(paths) < len(values):
+            task.result["return"] = capture.summarise(value)
+    except Exception:
+        task.run.errors += 1
+
+
+class _TaskFactory:
+    """What ``provscope.task(name=..., kind=...)`` returns: a decorator and a context manager."""
+
+    def __init__(self, name: str | None, kind: str, capture_args: bool) -> None:
+        self.name = name
+        self.kind = kind
+        self.capture_args = capture_args
+        self._scope: list[_TaskScope] = []
+
+    def __call__(self, fn: F) -> F:
+        return _decorate(fn, self.name, self.kind, self.capture_args)
+
+    def _open(self) -> _TaskScope:
+        run = _run_or_implicit() if enabled() else Run(self.name or "task", disabled=True)
+        scope = run.task(self.name or "task", self.kind)
+        self._scope.append(scope)
+        return scope
+
+    def __enter__(self) -> Task:
+        return self._open().__enter__()
+
+    def __exit__(self, *exc: Any) -> bool:
+        return self._scope.pop().__exit__(*exc)
+
+    async def __aenter__(self) -> Task:
+        return self._open().__enter__()
+
+    async def __aexit__(self, *exc: Any) -> bool:
+        return self._scope.pop().__exit__(*exc)
+
+
+def task(fn: Any = None, /, *, name: str | None = None, kind: str = "task",
+         capture_args: bool = True) -> Any:
+    """Record each call of a function as a task: ``@provscope.task`` or
+    ``@provscope.task(name="prep", kind="data")``; works on sync and async functions.
+
+    Arguments are recorded as ``used`` (small values summarised into params; paths as
+    file entities), the return value as ``generated`` (paths as entities, other values
+    summarised into the result). Nesting follows the caller's context. An exception is
+    recorded (status failed, error text) and re-raised unchanged. ``capture_args=False``
+    records no arguments (for secrets or hot paths).
+
+    ``provscope.task("name")`` also works as ``with provscope.task("eval"):``.
+    """
+    if callable(fn):
+        return _decorate(fn, name, kind, capture_args)
+    if isinstance(fn, str):
+        name = fn
+    return _TaskFactory(name, kind, capture_args)
+
+
+def _decorate(fn: F, name: str | None, kind: str, capture_args: bool) -> F:
+    task_name = name or getattr(fn, "__qualname__", None) or getattr(fn, "__name__", "task")
+    try:
+        sig: inspect.Signature | None = inspect.signature(fn)
+    except (TypeError, ValueError):
+        sig = None
+
+    if inspect.iscoroutinefunction(fn):
+        @functools.wraps(fn)
+        async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
+            scope = _scope_for_call(task_name, kind, sig, capture_args, args, kwargs) \
+                if enabled() else None
+            if scope is None:
+                return await fn(*args, **kwargs)
+            with scope as t:
+                result = await fn(*args, **kwargs)
+                _record_return(t, result)
+            return result
+
+        return async_wrapper  # type: ignore[return-value]
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        scope = _scope_for_call(task_name, kind, sig, capture_args, args, kwargs) \
+            if enabled() else None
+        if scope is None:
+            return fn(*args, **kwargs)
+        with scope as t:
+            result = fn(*args, **kwargs)
+            _record_return(t, result)
+        return result
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _reset_implicit_after_fork() -> None:
+    global _implicit_lock
+    _implicit_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_implicit_after_fork)
