@@ -17,8 +17,8 @@ import time
 
 import _common
 from influxdb_client import Point as ClientPoint
-
 from provscope.exporters.lineprotocol import encode_batch
+
 from provscope.records import Point
 
 __all__ = ["make_points"]
@@ -120,7 +120,6 @@ def main() -> int:
     if not identical:
         print("bytes differ from influxdb-client's; no figures", file=sys.stderr)
         return 1
-    _, native = _best(encode_batch, points, 1)  # the pipeline's mode (ints as floats)
     pol_s, _ = _best(encode_batch, points, rounds)
     _common.emit([
         _common.figure("encode", "points_per_s", n / ours_s, "points/s", "higher",

@@ -1,0 +1,612 @@
+"""The InfluxDB writer: line protocol over HTTP, with retries, splitting and a disk spool.
+
+Speaks the three write APIs (``influxdb.api``):
+
+- ``v1``: ``POST /write?db=&rp=&u=&p=&precision=ns`` (InfluxDB 1.x, and the 1.x
+  compatibility endpoint of 2.x/3.x); ``CREATE DATABASE`` is issued once (idempotent).
+- ``v2``: ``POST /api/v2/write?org=&bucket=&precision=ns`` with ``Authorization: Token``.
+- ``v3``: ``POST /api/v3/write_lp?db=&precision=nanosecond`` with ``Authorization: Bearer``.
+
+Transport: one persistent (keep-alive) ``http.client`` connection. The pipeline calls an
+exporter from one worker thread only, so a pool would buy nothing; the standard library
+keeps provscope free of an HTTP dependency. Bodies are gzip'ed (level 1: most of the size
+win for a fraction of the CPU).
+
+Response policy, per batch:
+
+- 2xx: written.
+- 400/422: the server rejected the data; retrying cannot help. The batch is dropped and
+  counted, and the server's message (which names the first offending line) is logged at
+  most once a minute. InfluxDB 1.x "partial write" answers count only the points it names
+  as dropped (``dropped=N`` plus one per unparsable line).
+- 401/403: credentials are wrong. Logged (once a minute) as an auth error; the data is
+  kept in the spool, not lost, and replayed once the credentials work.
+- 404 "database not found": the database is created again and the batch retried.
+- 413: the batch is split in halves, each sent (and split again) on its own.
+- 429, 5xx, connection errors and timeouts: retried up to ``max_retries`` times with
+  exponential backoff and jitter, honouring ``Retry-After`` (capped at ``max_backoff_s``);
+  then the batch goes to the spool.
+
+Spool: while it holds anything, new batches are appended behind it (order is kept) and
+each ``export`` first replays it oldest-first (for at most a couple of seconds) once the
+server answers again; between failed attempts the server is probed with a growing delay
+(capped at 5 s) rather than on every batch. A new exporter on the same spool directory
+replays what an earlier process left. ``export`` returns ``SUCCESS`` once a batch is
+written or spooled (durable), ``DROP`` when the server rejected all of it, and ``RETRY``
+only when no spool could be opened and the server is unreachable; it never raises.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import hashlib
+import http.client
+import json
+import logging
+import os
+import random
+import re
+import socket
+import time
+import urllib.parse
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from provscope.exporters.base import ExportResult
+from provscope.exporters.lineprotocol import encode_lines
+from provscope.exporters.spool import Spool, SpoolBusy
+
+from provscope.errors import ConfigError
+
+if TYPE_CHECKING:
+    from provscope.config import Config
+
+__all__ = ["InfluxDBExporter", "default_spool_dir"]
+
+log = logging.getLogger("provscope.exporters.influxdb")
+
+_OK, _REJECTED, _FAILED = "ok", "rejected", "failed"
+_PROBE_CAP_S = 5.0  # longest wait between attempts to reach a server that was down
+_REPLAY_BUDGET_S = 2.0  # longest an export call spends replaying the spool
+_LOG_EVERY_S = 60.0
+_DROPPED_RE = re.compile(r"dropped=(\d+)")
+_SPOOL_SLOTS = 8
+
+
+def default_spool_dir() -> Path:
+    """``$XDG_STATE_HOME/provscope/spool``, or ``~/.local/state/provscope/spool``."""
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local",
+                                                            "state")
+    return Path(base) / "provscope" / "spool"
+
+
+class _Failure(Exception):
+    """A retryable failure (connection error, timeout, 429, 5xx, auth, missing database)."""
+
+    def __init__(self, reason: str, retry_after: float | None = None, auth: bool = False):
+        super().__init__(reason)
+        self.retry_after = retry_after
+        self.auth = auth
+
+
+class InfluxDBExporter:
+    """Writes ``Point`` batches to InfluxDB 1.x/2.x/3.x. See the module docstring for policy.
+
+    Args:
+        url: base URL, ``http://host:8086`` (``https`` works too; a path prefix is kept).
+        api: ``"v1"``, ``"v2"`` or ``"v3"``.
+        database: v1/v3 database; v2 bucket when ``bucket`` is unset.
+        retention_policy: v1 retention policy (None: the database default).
+        username, password: v1 credentials (sent as ``u``/``p``).
+        org, bucket, token: v2 organisation and bucket; v2/v3 token (v1: sent as a
+            ``Token`` header when no username is set, for 2.x's compatibility API).
+        create_database: v1: issue ``CREATE DATABASE`` before the first write.
+        batch_size, flush_interval_s: read by the pipeline (points per request; seconds).
+        gzip: compress request bodies.
+        timeout_s: connect and read timeout per request, seconds.
+        max_retries: immediate retries of a failing batch before it is spooled.
+        retry_backoff_s, max_backoff_s: first retry delay and cap (also caps Retry-After).
+        spool_dir: parent directory of the spool (None: ``default_spool_dir()``); each
+            destination gets its own subdirectory, and a second process writing to the same
+            destination takes the next free slot (``.1``, ``.2``, ...).
+        spool_max_bytes: spool size bound, bytes.
+        ints_as_float: write ints as floats unless the catalogue declares them ``int``.
+
+    Raises:
+        ConfigError: an unusable URL or api.
+    """
+
+    name: ClassVar[str] = "influxdb"
+    accepts: ClassVar[frozenset[str]] = frozenset({"points"})
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        api: str = "v1",
+        database: str = "provscope",
+        retention_policy: str | None = None,
+        username: str | None = None,
+        password: str | None = None,
+        org: str | None = None,
+        bucket: str | None = None,
+        token: str | None = None,
+        create_database: bool = True,
+        batch_size: int = 5000,
+        flush_interval_s: float = 1.0,
+        gzip: bool = True,
+        timeout_s: float = 10.0,
+        max_retries: int = 3,
+        retry_backoff_s: float = 0.2,
+        max_backoff_s: float = 30.0,
+        spool_dir: str | os.PathLike[str] | None = None,
+        spool_max_bytes: int = 1 << 30,
+        ints_as_float: bool = True,
+    ) -> None:
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(f"influxdb.url: {url!r} is not an http:// or https:// URL "
+                              "(e.g. http://127.0.0.1:8086)")
+        if api not in ("v1", "v2", "v3"):
+            raise ConfigError(f"influxdb.api: {api!r} is not one of v1, v2, v3")
+        self.url = url
+        self.api = api
+        self.batch_size = batch_size
+        self.flush_interval_s = flush_interval_s
+        self._https = parts.scheme == "https"
+        self._host = parts.hostname
+        self._port = parts.port or (443 if self._https else 80)
+        base = parts.path.rstrip("/")
+        self._database = database
+        self._username = username
+        self._password = password
+        self._gzip = gzip
+        self._timeout = timeout_s
+        self._max_retries = max_retries
+        self._backoff0 = retry_backoff_s
+        self._max_backoff = max_backoff_s
+        self._ints_as_float = ints_as_float
+        self._headers = {"Content-Type": "text/plain; charset=utf-8"}
+        if gzip:
+            self._headers["Content-Encoding"] = "gzip"
+        if api == "v1":
+            q = {"db": database, "precision": "ns"}
+            if retention_policy:
+                q["rp"] = retention_policy
+            if username:
+                q["u"], q["p"] = username, password or ""
+            elif token:
+                self._headers["Authorization"] = f"Token {token}"
+            self._write_path = f"{base}/write?{urllib.parse.urlencode(q)}"
+            self._destination = database
+        elif api == "v2":
+            q = {"bucket": bucket or database, "precision": "ns"}
+            if org:
+                q["org"] = org
+            if token:
+                self._headers["Authorization"] = f"Token {token}"
+            self._write_path = f"{base}/api/v2/write?{urllib.parse.urlencode(q)}"
+            self._destination = bucket or database
+        else:
+            q = {"db": database, "precision": "nanosecond"}
+            if token:
+                self._headers["Authorization"] = f"Bearer {token}"
+            self._write_path = f"{base}/api/v3/write_lp?{urllib.parse.urlencode(q)}"
+            self._destination = database
+        self._query_base = base
+        self._need_db = api == "v1" and create_database
+        self._conn: http.client.HTTPConnection | None = None
+        self._next_try = 0.0  # monotonic time before which the spool path skips the network
+        self._probe_delay = 0.0
+        self._deadline: float | None = None  # set by flush/shutdown: no sleep past it
+        self._last_log: dict[str, float] = {}
+        self._closed = False
+        # Counters (names as in provscope.catalogue.internal).
+        self.points_written = 0
+        self.points_dropped = 0  # not counting batches answered DROP (the pipeline does)
+        self.points_spooled = 0
+        self.points_replayed = 0
+        self.retries = 0
+        self.batches_failed = 0
+        self.last_latency_s = 0.0
+        self.spool: Spool | None = self._open_spool(spool_dir, spool_max_bytes)
+
+    @classmethod
+    def from_config(cls, config: Config) -> InfluxDBExporter:
+        """Build from ``config.influxdb``.
+
+        Raises:
+            ConfigError: ``influxdb.url`` unset or unusable.
+        """
+        c = config.influxdb
+        if not c.url:
+            raise ConfigError("influxdb.url is not set (e.g. http://127.0.0.1:8086)")
+        return cls(
+            c.url, api=c.api, database=c.database, retention_policy=c.retention_policy,
+            username=c.username, password=c.password, org=c.org, bucket=c.bucket,
+            token=c.token, create_database=c.create_database, batch_size=c.batch_size,
+            flush_interval_s=c.flush_interval_s, gzip=c.gzip, timeout_s=c.timeout_s,
+            max_retries=c.max_retries, retry_backoff_s=c.retry_backoff_s,
+            max_backoff_s=c.max_backoff_s, spool_dir=c.spool_dir,
+            spool_max_bytes=c.spool_max_bytes,
+        )
+
+    # ------------------------------------------------------------------ spool
+
+    def _open_spool(self, spool_dir: Any, max_bytes: int) -> Spool | None:
+        parent = Path(spool_dir) if spool_dir else default_spool_dir()
+        digest = hashlib.sha1(f"{self.url}|{self.api}|{self._destination}".encode()).hexdigest()
+        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", self._destination)[:40]
+        base = f"influxdb-{self.api}-{safe}-{digest[:10]}"
+        for slot in range(_SPOOL_SLOTS):
+            path = parent / (base if slot == 0 else f"{base}.{slot}")
+            try:
+                return Spool(path, max_bytes=max_bytes)
+            except SpoolBusy:
+                continue
+            except OSError as exc:
+                log.warning("influxdb: cannot open the spool in %s (%s); without it, batches "
+                            "wait in memory while the server is unreachable", path, exc)
+                return None
+        log.warning("influxdb: all %d spool slots under %s are in use; running without a spool",
+                    _SPOOL_SLOTS, parent)
+        return None
+
+    def _spool_append(self, body: bytes, count: int) -> bool:
+        if self.spool is None:
+            return False
+        try:
+            self.spool.append(body, count)
+        except (OSError, ValueError) as exc:
+            self._log("spool", logging.ERROR, "influxdb: spool write failed (%s)", exc)
+            return False
+        self.points_spooled += count
+        return True
+
+    # ------------------------------------------------------------------ export
+
+    def export(self, batch: Sequence[Any]) -> ExportResult:
+        """Write one batch of points. Blocks for the retries (bounded); never raises.
+
+        Returns:
+            SUCCESS when written or spooled, DROP when the server rejected the whole
+            batch, RETRY when it could be neither written nor spooled.
+        """
+        try:
+            return self._export(batch)
+        except Exception:  # the contract: never raise into the pipeline
+            log.exception("influxdb: unexpected error; batch of %d dropped", len(batch))
+            self.points_dropped += len(batch)
+            self.batches_failed += 1
+            return ExportResult.SUCCESS
+
+    def _export(self, batch: Sequence[Any]) -> ExportResult:
+        if self._closed:
+            return ExportResult.RETRY
+        start = time.perf_counter()
+        try:
+            lines = encode_lines(batch, self._ints_as_float)
+        except ValueError:
+            lines = self._encode_each(batch)
+        # Points with no writable field (all None/NaN) produce no line: counted as drops.
+        self.points_dropped += len(batch) - len(lines)
+        if not lines:
+            return ExportResult.SUCCESS
+        body = self._compress("\n".join(lines).encode())
+        count = len(lines)
+        spool = self.spool
+        if spool is not None and spool.pending_records:
+            self._replay(time.monotonic() + _REPLAY_BUDGET_S)
+            if spool.pending_records:
+                if self._spool_append(body, count):
+                    return ExportResult.SUCCESS
+                return ExportResult.RETRY
+        result = self._deliver(body, count, retries=True)
+        if result == _OK:
+            self.last_latency_s = time.perf_counter() - start
+            return ExportResult.SUCCESS
+        if result == _REJECTED:
+            return ExportResult.DROP
+        if self._spool_append(body, count):
+            return ExportResult.SUCCESS
+        return ExportResult.RETRY
+
+    def _encode_each(self, batch: Sequence[Any]) -> list[str]:
+        """Encode point by point, dropping (and counting, logging once) unencodable ones."""
+        lines = []
+        for point in batch:
+            try:
+                lines.extend(encode_lines((point,), self._ints_as_float))
+            except ValueError as exc:
+                self._log("encode", logging.WARNING, "influxdb: point dropped: %s", exc)
+        return lines
+
+    def _compress(self, raw: bytes) -> bytes:
+        return gzip.compress(raw, compresslevel=1, mtime=0) if self._gzip else raw
+
+    def _raw(self, body: bytes) -> bytes:
+        return gzip.decompress(body) if self._gzip else body
+
+    # ------------------------------------------------------------------ delivery
+
+    def _deliver(self, body: bytes, count: int, *, retries: bool) -> str:
+        """Send one body; returns _OK (written or handled), _REJECTED or _FAILED.
+
+        With ``retries``, transient failures are retried with backoff first. A 413 splits
+        the body; halves that then fail are spooled here, in order.
+        """
+        attempt = 0
+        while True:
+            try:
+                return self._post(body, count)
+            except _Failure as failure:
+                if failure.auth:
+                    self._log("auth", logging.ERROR,
+                              "influxdb: %s at %s: check influxdb.username/password or "
+                              "influxdb.token; points are kept in the spool", failure, self.url)
+                    self._open_circuit(None)
+                    return _FAILED
+                if not retries or attempt >= self._max_retries or self._past_deadline():
+                    self._log("down", logging.WARNING,
+                              "influxdb: %s (%s); spooling until it answers", self.url, failure)
+                    self._open_circuit(failure.retry_after)
+                    return _FAILED
+                self.retries += 1
+                delay = min(self._max_backoff, self._backoff0 * (2 ** attempt))
+                delay *= 0.5 + random.random() / 2
+                if failure.retry_after is not None:
+                    delay = max(delay, min(failure.retry_after, self._max_backoff))
+                if self._deadline is not None:
+                    delay = min(delay, max(0.0, self._deadline - time.monotonic()))
+                time.sleep(delay)
+                attempt += 1
+            except _Split:
+                return self._deliver_split(body, count, retries)
+
+    def _deliver_split(self, body: bytes, count: int, retries: bool) -> str:
+        lines = self._raw(body).split(b"\n")
+        if len(lines) < 2:
+            self._rejected(count, "HTTP 413: a single line is larger than the server accepts",
+                           lines[0][:200].decode(errors="replace"))
+            return _OK
+        mid = len(lines) // 2
+        failed = False
+        for half in (lines[:mid], lines[mid:]):
+            part = self._compress(b"\n".join(half))
+            if not failed:
+                result = self._deliver(part, len(half), retries=retries)
+                if result == _REJECTED:
+                    self.points_dropped += len(half)
+                    continue
+                if result == _OK:
+                    continue
+                failed = True
+            if not self._spool_append(part, len(half)):
+                self.points_dropped += len(half)
+        return _OK
+
+    def _rejected(self, count: int, message: str, first: str = "") -> None:
+        self.batches_failed += 1
+        self._log("rejected", logging.WARNING,
+                  "influxdb: server rejected a batch of %d points (%s)%s", count, message,
+                  f"; first line: {first}" if first else "")
+
+    def _post(self, body: bytes, count: int) -> str:
+        """One request. Returns _OK/_REJECTED; raises _Failure (retryable) or _Split."""
+        if self._need_db:
+            self._create_database()
+        status, headers, data = self._request("POST", self._write_path, body, self._headers)
+        if 200 <= status < 300:
+            self.points_written += count
+            return _OK
+        message = _error_text(data) or f"HTTP {status}"
+        if status in (400, 422):
+            return self._partial_or_rejected(message, count)
+        if status in (401, 403):
+            raise _Failure(f"authentication failed (HTTP {status}: {message})", auth=True)
+        if status == 404 and "database not found" in message:
+            self._need_db = self.api == "v1"
+            raise _Failure(f"HTTP 404: {message}")
+        if status == 413:
+            raise _Split()
+        retry_after = _retry_after(headers.get("Retry-After"))
+        if status == 429 or status >= 500:
+            raise _Failure(f"HTTP {status}: {message}", retry_after)
+        self._rejected(count, f"HTTP {status}: {message}")
+        return _REJECTED
+
+    def _partial_or_rejected(self, message: str, count: int) -> str:
+        if "partial write" in message:
+            # 1.x wrote the rest: count exactly what it says it dropped.
+            m = _DROPPED_RE.search(message)
+            dropped = min(count, (int(m.group(1)) if m else 0) +
+                          message.count("unable to parse"))
+            self.points_dropped += dropped
+            self.points_written += count - dropped
+            self.batches_failed += 1
+            self._log("rejected", logging.WARNING,
+                      "influxdb: server dropped %d of %d points: %s", dropped, count,
+                      message[:500])
+            return _OK
+        self._rejected(count, message[:500])
+        return _REJECTED
+
+    def _create_database(self) -> None:
+        q = {"q": f'CREATE DATABASE "{_influxql_ident(self._database)}"'}
+        if self._username:
+            q["u"], q["p"] = self._username, self._password or ""
+        headers = {"Content-Type": "application/x-www-form-urlencoded"}
+        if "Authorization" in self._headers:
+            headers["Authorization"] = self._headers["Authorization"]
+        status, _, data = self._request("POST", f"{self._query_base}/query",
+                                        urllib.parse.urlencode(q).encode(), headers)
+        if status in (401, 403):
+            # The user may lack admin rights on a database that exists: write anyway.
+            self._log("createdb", logging.WARNING, "influxdb: CREATE DATABASE refused "
+                      "(HTTP %d: %s); writing anyway", status, _error_text(data))
+        elif status >= 500:
+            raise _Failure(f"CREATE DATABASE: HTTP {status}")
+        self._need_db = False
+
+    def _request(self, method: str, path: str, body: bytes,
+                 headers: dict[str, str]) -> tuple[int, http.client.HTTPMessage, bytes]:
+        for attempt in (0, 1):
+            reused = self._conn is not None
+            conn = self._conn or self._connect()
+            try:
+                conn.request(method, path, body=body, headers=headers)
+                resp = conn.getresponse()
+                data = resp.read()  # read all: the connection is reused for the next request
+            except (http.client.HTTPException, OSError) as exc:
+                self._close_conn()
+                # A kept-alive connection the server closed meanwhile: one fresh try.
+                if reused and attempt == 0 and isinstance(
+                        exc, (http.client.RemoteDisconnected, ConnectionResetError,
+                              BrokenPipeError, http.client.BadStatusLine)):
+                    continue
+                raise _Failure(f"{type(exc).__name__}: {exc}") from None
+            if resp.will_close:
+                self._close_conn()
+            return resp.status, resp.headers, data
+        raise _Failure("connection lost")  # pragma: no cover - the loop always returns
+
+    def _connect(self) -> http.client.HTTPConnection:
+        cls = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
+        conn = cls(self._host, self._port, timeout=self._timeout)
+        try:
+            conn.connect()
+            conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError as exc:
+            conn.close()
+            raise _Failure(f"cannot connect: {exc}") from None
+        self._conn = conn
+        return conn
+
+    def _close_conn(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                self._conn.close()
+            self._conn = None
+
+    # ------------------------------------------------------------------ spool replay
+
+    def _open_circuit(self, retry_after: float | None) -> None:
+        self._probe_delay = min(_PROBE_CAP_S, self._max_backoff,
+                                max(self._backoff0, self._probe_delay * 2))
+        delay = self._probe_delay
+        if retry_after is not None:
+            delay = max(delay, min(retry_after, self._max_backoff))
+        self._next_try = time.monotonic() + delay * (0.5 + random.random() / 2)
+
+    def _replay(self, deadline: float, force: bool = False) -> None:
+        """Send spooled bodies oldest-first until empty, a failure, or ``deadline``."""
+        spool = self.spool
+        if spool is None or (not force and time.monotonic() < self._next_try):
+            return
+        while time.monotonic() < deadline:
+            item = spool.peek()
+            if item is None:
+                return
+            body, count = item
+            written = self.points_written
+            result = self._deliver(body, count, retries=False)
+            if result == _FAILED:
+                return
+            if result == _REJECTED:
+                self.points_dropped += count
+            self.points_replayed += self.points_written - written
+            spool.ack()
+            self._probe_delay = 0.0
+
+    def _past_deadline(self) -> bool:
+        return self._deadline is not None and time.monotonic() >= self._deadline
+
+    # ------------------------------------------------------------------ control
+
+    def flush(self, timeout_s: float) -> bool:
+        """Drain the spool within ``timeout_s`` seconds. True when nothing is left."""
+        if self.spool is None or self._closed:
+            return True
+        deadline = time.monotonic() + timeout_s
+        self._deadline = deadline
+        try:
+            while self.spool.pending_records and time.monotonic() < deadline:
+                self._replay(deadline, force=True)
+                if self.spool.pending_records:
+                    time.sleep(min(max(0.0, deadline - time.monotonic()),
+                                   max(0.05, self._probe_delay)))
+            return not self.spool.pending_records
+        finally:
+            self._deadline = None
+
+    def shutdown(self, timeout_s: float) -> None:
+        """Flush within ``timeout_s``, then close the connection and the spool. Idempotent.
+
+        What the spool still holds stays on disk for the next process.
+        """
+        if self._closed:
+            return
+        with contextlib.suppress(Exception):
+            self.flush(timeout_s)
+        self._closed = True
+        self._close_conn()
+        if self.spool is not None:
+            self.spool.close()
+
+    def stats(self) -> dict[str, float]:
+        """Self-metrics (``provscope.catalogue.internal``).
+
+        ``points_dropped_total`` counts drops the pipeline cannot see: spool overflow,
+        points without a writable field, partial writes, halves of split batches and
+        spooled batches rejected on replay. Whole batches answered ``DROP`` are counted by
+        the pipeline. ``batches_failed_total`` counts every rejected batch.
+        """
+        spool = self.spool
+        return {
+            "points_written_total": float(self.points_written),
+            "points_dropped_total": float(self.points_dropped
+                                          + (spool.dropped_count if spool else 0)),
+            "points_spooled_total": float(self.points_spooled),
+            "points_replayed_total": float(self.points_replayed),
+            "retries_total": float(self.retries),
+            "batches_failed_total": float(self.batches_failed),
+            "spool_bytes": float(spool.pending_bytes if spool else 0),
+            "export_latency_seconds": self.last_latency_s,
+        }
+
+    def _log(self, key: str, level: int, msg: str, *args: Any) -> None:
+        now = time.monotonic()
+        if now - self._last_log.get(key, -_LOG_EVERY_S) >= _LOG_EVERY_S:
+            self._last_log[key] = now
+            log.log(level, msg, *args)
+
+
+class _Split(Exception):
+    """HTTP 413: the body is too large; split it."""
+
+
+def _error_text(data: bytes) -> str:
+    text = data.decode("utf-8", errors="replace").strip()
+    with contextlib.suppress(ValueError, AttributeError):
+        obj = json.loads(text)
+        text = str(obj.get("error") or obj.get("message") or text)
+    return text
+
+
+def _retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        from email.utils import parsedate_to_datetime
+
+        with contextlib.suppress(TypeError, ValueError):
+            return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+    return None
+
+
+def _influxql_ident(name: str) -> str:
+    return name.replace("\\", "\\\\").replace('"', '\\"')
