@@ -42,6 +42,7 @@ from provscope.exporters.lineage_schema import (
     TIME_COLUMNS,
     migrate,
 )
+from provscope.exporters.lineage_spool import LineageSpool, default_spool_root
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine, make_url
 
@@ -397,10 +398,13 @@ class SqlLineageExporter:
     """Pipeline exporter writing lineage records to a ``SqlLineageStore``.
 
     Failure policy:
-      - database locked, unreachable or restarting -> ``RETRY`` (the batch stays in the
-        pipeline and is offered again); a warning is logged at most once a minute.
-      - database of a newer schema version -> ``RETRY`` as well (nothing is lost; upgrading
-        provscope or pointing at another database lets it through); logged once an hour.
+      - database locked, unreachable or restarting, or of a newer schema version: the batch
+        goes to the on-disk spool (``spool_dir``) and counts as accepted; later batches
+        follow it there (order kept) until a replay succeeds. Replays are attempted with a
+        backoff (0.5 s doubling to 10 s) and on ``flush``. Without a spool (``spool_dir``
+        None, or unusable) the answer is ``RETRY``: the batch stays in the pipeline's
+        bounded queue. A warning is logged at most once a minute (the newer-schema error,
+        once an hour).
       - a record the database rejects (bad data) -> the batch is written record by record,
         the rejected ones are dropped, counted and logged.
 
@@ -408,22 +412,32 @@ class SqlLineageExporter:
         url: lineage URL (see ``SqlLineageStore``).
         batch_size: records per transaction (read by the pipeline).
         flush_interval_s: longest wait before a record is written (read by the pipeline).
+        busy_timeout_ms: SQLite lock wait / PostgreSQL connect timeout per attempt.
+        spool_dir: parent directory of the spool; None: no spool.
+        spool_max_bytes: bound on the spool; past it the oldest batches are dropped.
     """
 
     name: ClassVar[str] = "lineage"
     accepts: ClassVar[frozenset[str]] = frozenset({"lineage"})
 
     def __init__(self, url: str, *, batch_size: int = 1000, flush_interval_s: float = 1.0,
-                 busy_timeout_ms: int = 2000) -> None:
+                 busy_timeout_ms: int = 2000, spool_dir: str | os.PathLike[str] | None = None,
+                 spool_max_bytes: int = 1 << 30) -> None:
         self.url = url
         self.batch_size = batch_size
         self.flush_interval_s = flush_interval_s
         self.store = SqlLineageStore(url, busy_timeout_ms=busy_timeout_ms)
+        self.spool: LineageSpool | None = None
+        if spool_dir is not None:
+            self.spool = LineageSpool(spool_dir, _spool_key(url), spool_max_bytes)
+            self.spool.adopt()
         self.written = 0
-        self.dropped = 0
+        self.rejected = 0
         self.failures = 0
         self.last_error: str | None = None
         self._last_log: dict[str, float] = {}
+        self._next_replay = 0.0
+        self._replay_backoff = 0.0
         self._lock = threading.Lock()
         self._closed = False
 
@@ -431,11 +445,16 @@ class SqlLineageExporter:
     def from_config(cls, config: Config) -> SqlLineageExporter:
         """Build from ``config.lineage`` and ``config.lineage_url`` (no connection yet).
 
+        The spool lives under ``influxdb.spool_dir`` (default
+        ``$XDG_STATE_HOME/provscope/spool``), bounded by ``influxdb.spool_max_bytes``.
+
         Raises:
             ConfigError: unsupported URL scheme or missing driver.
         """
+        spool_dir = config.influxdb.spool_dir or default_spool_root()
         return cls(config.lineage_url, batch_size=config.lineage.batch_size,
-                   flush_interval_s=config.lineage.flush_interval_s)
+                   flush_interval_s=config.lineage.flush_interval_s, spool_dir=spool_dir,
+                   spool_max_bytes=config.influxdb.spool_max_bytes)
 
     def _warn(self, kind: str, every_s: float, msg: str, *args: Any,
               level: int = logging.WARNING) -> None:
@@ -449,55 +468,128 @@ class SqlLineageExporter:
         if self._closed:
             return ExportResult.DROP
         try:
+            # Older batches waiting on disk go first; while the database is still down the
+            # new batch joins them without another connection attempt.
+            if self.spool is not None and self.spool.pending and (
+                    time.monotonic() < self._next_replay or not self._replay()):
+                return self._hold(batch)
             self.written += self.store.write(batch)
             self.last_error = None
             return ExportResult.SUCCESS
-        except LineageSchemaError as exc:
-            self.failures += 1
-            self.last_error = str(exc)
-            self._warn("schema", 3600, "lineage store %s: %s; %d records kept for retry",
-                       _safe_url(self.url), exc, len(batch), level=logging.ERROR)
-            return ExportResult.RETRY
         except Exception as exc:
-            self.failures += 1
-            self.last_error = _one_line(exc)
-            if _retryable(exc):
-                self._warn("unreachable", 60, "lineage store %s unavailable (%s); "
-                           "records kept and retried", _safe_url(self.url), self.last_error)
-                return ExportResult.RETRY
+            if self._unavailable(exc):
+                return self._hold(batch)
             return self._export_one_by_one(batch, exc)
+
+    def _unavailable(self, exc: BaseException) -> bool:
+        """Log and classify a failure: True when the database may come back."""
+        self.failures += 1
+        self.last_error = _one_line(exc) if not isinstance(exc, LineageSchemaError) \
+            else str(exc)
+        if isinstance(exc, LineageSchemaError):
+            self._warn("schema", 3600, "lineage store %s: %s; records kept until then",
+                       _safe_url(self.url), exc, level=logging.ERROR)
+            return True
+        if _retryable(exc):
+            self._warn("unreachable", 60, "lineage store %s unavailable (%s); records kept "
+                       "and retried", _safe_url(self.url), self.last_error)
+            return True
+        return False
+
+    def _hold(self, batch: Sequence[Any]) -> ExportResult:
+        if self.spool is not None and self.spool.append(batch):
+            return ExportResult.SUCCESS
+        return ExportResult.RETRY
+
+    def _replay(self) -> bool:
+        """Write the spooled batches. True when the spool is empty afterwards."""
+        assert self.spool is not None
+        try:
+            self.spool.replay(self._write_replayed)
+        except Exception as exc:
+            if not self._unavailable(exc):
+                log.exception("lineage spool replay failed")
+            self._replay_backoff = min(10.0, max(0.5, self._replay_backoff * 2))
+            self._next_replay = time.monotonic() + self._replay_backoff
+            return False
+        self._replay_backoff = 0.0
+        self.last_error = None
+        return True
+
+    def _write_replayed(self, records: list[Any]) -> None:
+        try:
+            self.written += self.store.write(records)
+        except Exception as exc:
+            if _retryable(exc) or isinstance(exc, LineageSchemaError):
+                raise
+            self._export_one_by_one(records, exc)  # bad data: drop only the bad records
 
     def _export_one_by_one(self, batch: Sequence[Any], first: BaseException) -> ExportResult:
         self._warn("rejected", 60, "lineage store %s rejected a batch (%s); writing it record "
                    "by record and dropping the rejected ones", _safe_url(self.url),
                    _one_line(first))
-        for record in batch:
+        for i, record in enumerate(batch):
             try:
                 self.written += self.store.write([record])
             except Exception as exc:
                 if _retryable(exc) or isinstance(exc, LineageSchemaError):
-                    return ExportResult.RETRY  # the rest (already written ones are idempotent)
-                self.dropped += 1
+                    # The rest waits (what was written already is idempotent).
+                    return self._hold(batch[i:])
+                self.rejected += 1
                 self._warn("dropped", 60, "lineage record dropped (%s): %s", _one_line(exc),
                            str(record)[:200])
         return ExportResult.SUCCESS
 
     def flush(self, timeout_s: float) -> bool:
-        """Nothing is held here (batches are written synchronously); always True."""
-        return True
+        """Replay the spool within ``timeout_s``. True when nothing is left on disk."""
+        if self.spool is None or not self.spool.pending:
+            return True
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if self._replay():
+                return True
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            time.sleep(min(0.2, left))
 
     def shutdown(self, timeout_s: float) -> None:
-        """Release the database connections. Idempotent."""
+        """Replay what is spooled within the deadline, then release everything. Idempotent.
+
+        Batches still spooled stay on disk; the next process on this URL replays them.
+        """
         with self._lock:
             if self._closed:
                 return
             self._closed = True
-        self.store.close()
+        try:
+            self.flush(timeout_s)
+        finally:
+            if self.spool is not None:
+                self.spool.close()
+            self.store.close()
 
     def stats(self) -> dict[str, float]:
-        """``points_written_total`` (rows upserted), ``points_dropped_total`` (rejected)."""
-        return {"points_written_total": float(self.written),
-                "points_dropped_total": float(self.dropped)}
+        """Counters named as in ``provscope.catalogue.internal`` (records, not bytes)."""
+        out = {"points_written_total": float(self.written),
+               "points_dropped_total": float(self.rejected)}
+        if self.spool is not None:
+            out["points_dropped_total"] += self.spool.dropped
+            out["points_spooled_total"] = float(self.spool.spooled)
+            out["points_replayed_total"] = float(self.spool.replayed)
+            out["spool_bytes"] = float(self.spool.pending_bytes)
+        return out
+
+
+def _spool_key(url: str) -> str:
+    """The URL with a SQLite path made absolute (one database, one spool directory)."""
+    try:
+        parsed = make_url(url)
+    except sa_exc.ArgumentError:
+        return url
+    if parsed.drivername == "sqlite" and _sqlite_path(parsed):
+        return f"sqlite:///{Path(_sqlite_path(parsed)).expanduser().resolve()}"
+    return parsed.render_as_string(hide_password=True)
 
 
 def _one_line(exc: BaseException) -> str:

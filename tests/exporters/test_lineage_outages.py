@@ -137,3 +137,53 @@ def test_concurrent_writers_to_one_sqlite_file_all_land(tmp_path):
     assert _counts(url) == (1500, 1500)
     for e in exporters:
         e.shutdown(1)
+
+
+@pytest.mark.integration
+def test_postgres_outage_spools_batches_to_disk_and_replays_them(own_postgres, tmp_path):
+    url = own_postgres.create_database("spooled")
+    exporter = SqlLineageExporter(url, batch_size=100, flush_interval_s=0.05,
+                                  busy_timeout_ms=1000, spool_dir=tmp_path / "spool")
+    pipeline = Pipeline([exporter], queue_size=1000)  # far smaller than the outage's records
+    run_id = new_id()
+    pipeline.submit(RunRecord(run_id, name="spooled"))
+    assert pipeline.flush(10)
+    own_postgres.stop()
+    n = 2000
+    for i in range(n):
+        pipeline.submit_many(_task_pair(run_id, i))
+        if i % 200 == 0:
+            time.sleep(0.02)
+    time.sleep(0.5)
+    stats = pipeline.stats()["lineage"]
+    assert stats["points_spooled_total"] > 1000  # the memory queue alone could not hold them
+    assert stats["spool_bytes"] > 0
+    own_postgres.start()
+    assert pipeline.flush(60)
+    stats = pipeline.stats()["lineage"]
+    pipeline.shutdown(5)
+    assert stats["points_dropped_total"] == 0
+    assert stats["points_replayed_total"] == stats["points_spooled_total"]
+    assert _counts(url) == (n, n)
+
+
+def test_spooled_batches_left_by_a_stopped_process_are_replayed_by_the_next(tmp_path):
+    db = tmp_path / "lineage.db"
+    url = f"sqlite:///{db}"
+    run_id = new_id()
+    first = SqlLineageExporter(url, busy_timeout_ms=50, spool_dir=tmp_path / "spool")
+    first.export([RunRecord(run_id, name="before")])
+    holder = sqlite3.connect(db, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    batch = [r for i in range(10) for r in _task_pair(run_id, i)]
+    assert first.export(batch) is ExportResult.SUCCESS  # accepted by the spool
+    assert first.stats()["points_spooled_total"] == 20
+    first.shutdown(0.2)  # still locked: the batch stays on disk
+    holder.execute("COMMIT")
+    holder.close()
+
+    second = SqlLineageExporter(url, spool_dir=tmp_path / "spool")
+    assert second.flush(10)
+    assert second.stats()["points_replayed_total"] == 20
+    second.shutdown(1)
+    assert _counts(url) == (10, 10)
