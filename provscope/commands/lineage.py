@@ -184,7 +184,7 @@ def _run_header(run: Any) -> str:
     if not _na(run.command):
         lines.append(f"command   {run.command}")
     if not _na(run.code_commit):
-        dirty = " (dirty)" if run.code_dirty is True else ""
+        dirty = " (dirty)" if not _na(run.code_dirty) and bool(run.code_dirty) else ""
         lines.append(f"code      {run.code_commit}{dirty}")
     if isinstance(run.config, dict) and run.config:
         text = json.dumps(run.config, default=str, separators=(", ", ": "))
