@@ -1,0 +1,209 @@
+"""The writer's response policy, against a local HTTP stub.
+
+A real InfluxDB cannot be made to answer 413, 429 or 503 with Retry-After, or 401 on
+demand, so these cases use a stub; everything else is tested against the real server.
+"""
+
+from __future__ import annotations
+
+import gzip
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from provscope.exporters.base import ExportResult
+from provscope.exporters.influxdb import InfluxDBExporter
+
+from provscope.records import Point
+
+
+class Stub:
+    """Answers each POST with the next scripted (status, headers, body); then 204."""
+
+    def __init__(self) -> None:
+        self.script: list[tuple[int, dict[str, str], bytes]] = []
+        self.requests: list[tuple[str, dict[str, str], list[str], float]] = []
+        self.max_lines: int | None = None  # answer 413 to bodies with more lines
+        stub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self):
+                raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                if self.headers.get("Content-Encoding") == "gzip":
+                    raw = gzip.decompress(raw)
+                lines = raw.decode().split("\n") if raw else []
+                stub.requests.append((self.path, dict(self.headers), lines, time.monotonic()))
+                if stub.max_lines is not None and len(lines) > stub.max_lines \
+                        and self.path.startswith("/write"):
+                    status, headers, body = 413, {}, b'{"error":"request too large"}'
+                elif stub.script and self.path.startswith(("/write", "/api")):
+                    status, headers, body = stub.script.pop(0)
+                else:
+                    status, headers, body = 204, {}, b""
+                self.send_response(status)
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def written(self) -> list[str]:
+        """Lines of the write requests answered 2xx, in order."""
+        return [line for path, _, lines, _ in self.requests if path.startswith(("/write", "/api"))
+                for line in lines]
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def stub():
+    s = Stub()
+    yield s
+    s.close()
+
+
+def _points(n: int, start: int = 0) -> list[Point]:
+    return [Point("m", {"h": "n1"}, {"v": float(i)}, i) for i in range(start, start + n)]
+
+
+def _exporter(stub: Stub, tmp_path, **kw) -> InfluxDBExporter:
+    kw.setdefault("retry_backoff_s", 0.01)
+    kw.setdefault("max_backoff_s", 2.0)
+    return InfluxDBExporter(stub.url, database="db", spool_dir=tmp_path, **kw)
+
+
+def _write_lines(stub: Stub) -> list[list[str]]:
+    return [lines for path, _, lines, _ in stub.requests if path.startswith("/write")]
+
+
+def test_413_splits_the_batch_in_halves_until_it_fits(stub, tmp_path):
+    stub.max_lines = 3
+    exp = _exporter(stub, tmp_path)
+    assert exp.export(_points(10)) is ExportResult.SUCCESS
+    accepted = [lines for lines in _write_lines(stub) if len(lines) <= 3]
+    assert [line for lines in accepted for line in lines] == \
+        [f"m,h=n1 v={i} {i}" for i in range(10)]
+    assert exp.stats()["points_written_total"] == 10
+    exp.shutdown(1)
+
+
+def test_503_with_retry_after_is_retried_after_that_delay(stub, tmp_path):
+    stub.script = [(503, {"Retry-After": "0.5"}, b'{"error":"busy"}')]
+    exp = _exporter(stub, tmp_path)
+    assert exp.export(_points(2)) is ExportResult.SUCCESS
+    (_, _, _, t1), (_, _, _, t2) = [r for r in stub.requests if r[0].startswith("/write")]
+    assert t2 - t1 >= 0.45
+    stats = exp.stats()
+    assert stats["retries_total"] == 1
+    assert stats["points_written_total"] == 2
+    exp.shutdown(1)
+
+
+def test_429_retry_after_is_capped_by_max_backoff(stub, tmp_path):
+    stub.script = [(429, {"Retry-After": "3600"}, b"slow down")]
+    exp = _exporter(stub, tmp_path, max_backoff_s=0.3)
+    start = time.monotonic()
+    assert exp.export(_points(1)) is ExportResult.SUCCESS
+    assert time.monotonic() - start < 5
+    assert exp.stats()["points_written_total"] == 1
+    exp.shutdown(1)
+
+
+def test_400_drops_the_batch_counts_it_and_logs_the_offending_line_once(stub, tmp_path, caplog):
+    err = b'{"error":"unable to parse \'m v= 1\': missing field value"}'
+    stub.script = [(400, {}, err), (400, {}, err)]
+    exp = _exporter(stub, tmp_path)
+    with caplog.at_level("WARNING", logger="provscope.exporters.influxdb"):
+        assert exp.export(_points(3)) is ExportResult.DROP
+        assert exp.export(_points(3)) is ExportResult.DROP
+    assert len(_write_lines(stub)) == 2  # never retried
+    assert exp.stats()["batches_failed_total"] == 2
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 1 and "unable to parse 'm v= 1'" in messages[0]
+    exp.shutdown(1)
+
+
+def test_partial_write_counts_only_the_points_the_server_dropped(stub, tmp_path):
+    stub.script = [(400, {}, b'{"error":"partial write: field type conflict: dropped=2"}')]
+    exp = _exporter(stub, tmp_path)
+    assert exp.export(_points(5)) is ExportResult.SUCCESS
+    stats = exp.stats()
+    assert (stats["points_written_total"], stats["points_dropped_total"]) == (3, 2)
+    exp.shutdown(1)
+
+
+def test_401_is_an_auth_error_and_the_data_waits_in_the_spool(stub, tmp_path, caplog):
+    stub.script = [(401, {}, b'{"error":"authorization failed"}')]
+    exp = _exporter(stub, tmp_path, username="u", password="wrong")
+    with caplog.at_level("ERROR", logger="provscope.exporters.influxdb"):
+        assert exp.export(_points(4)) is ExportResult.SUCCESS
+    assert any("authentication failed" in r.getMessage() and "username" in r.getMessage()
+               for r in caplog.records)
+    assert exp.stats()["points_spooled_total"] == 4
+    assert len(_write_lines(stub)) == 1  # auth errors are not hammered with retries
+    # Credentials fixed on the server side: the spooled points are replayed, in order.
+    assert exp.flush(5)
+    assert stub.written()[-4:] == [f"m,h=n1 v={i} {i}" for i in range(4)]
+    assert exp.stats()["points_replayed_total"] == 4
+    exp.shutdown(1)
+
+
+def test_while_the_spool_holds_data_new_batches_queue_behind_it(stub, tmp_path):
+    stub.script = [(503, {}, b"down")] * 3
+    exp = _exporter(stub, tmp_path, max_retries=2)
+    assert exp.export(_points(2, 0)) is ExportResult.SUCCESS  # 3 x 503: spooled
+    assert exp.stats()["points_spooled_total"] == 2
+    assert exp.export(_points(2, 2)) is ExportResult.SUCCESS  # behind it
+    assert exp.flush(5)
+    ok_lines = stub.written()[-4:]
+    assert ok_lines == [f"m,h=n1 v={i} {i}" for i in range(4)]
+    exp.shutdown(1)
+
+
+def test_v2_and_v3_use_their_endpoints_and_token_headers(stub, tmp_path):
+    v2 = InfluxDBExporter(stub.url, api="v2", org="o", bucket="b", token="T2",
+                          spool_dir=tmp_path)
+    v3 = InfluxDBExporter(stub.url, api="v3", database="d3", token="T3", spool_dir=tmp_path)
+    assert v2.export(_points(1)) is ExportResult.SUCCESS
+    assert v3.export(_points(1)) is ExportResult.SUCCESS
+    (p2, h2, _, _), (p3, h3, _, _) = stub.requests[-2:]
+    assert p2.startswith("/api/v2/write?") and "bucket=b" in p2 and "org=o" in p2
+    assert "precision=ns" in p2 and h2["Authorization"] == "Token T2"
+    assert p3.startswith("/api/v3/write_lp?") and "db=d3" in p3
+    assert "precision=nanosecond" in p3 and h3["Authorization"] == "Bearer T3"
+    v2.shutdown(1)
+    v3.shutdown(1)
+
+
+def test_v1_sends_db_rp_credentials_and_creates_the_database_once(stub, tmp_path):
+    exp = _exporter(stub, tmp_path, retention_policy="week", username="u", password="p")
+    exp.export(_points(1))
+    exp.export(_points(1, 1))
+    queries = [r for r in stub.requests if r[0].startswith("/query")]
+    writes = [r[0] for r in stub.requests if r[0].startswith("/write")]
+    assert len(queries) == 1
+    assert all("db=db" in w and "rp=week" in w and "u=u" in w and "p=p" in w for w in writes)
+    exp.shutdown(1)
+
+
+def test_keep_alive_reuses_one_connection(stub, tmp_path):
+    exp = _exporter(stub, tmp_path)
+    for i in range(5):
+        exp.export(_points(1, i))
+    assert exp._conn is not None
+    sock = exp._conn.sock
+    exp.export(_points(1, 9))
+    assert exp._conn.sock is sock
+    exp.shutdown(1)
