@@ -1,0 +1,151 @@
+"""Write throughput into a real InfluxDB 1.x, and points lost across an outage.
+
+- ``points_per_s``: points/s through the writer end to end: ``Pipeline.submit_many`` of
+  every point until ``flush`` returns (encoded, gzip'ed, posted, acknowledged, counted on
+  the server). Baseline: a minimal loop posting the same points, pre-encoded and
+  pre-gzip'ed in the same batch size, over one keep-alive connection (the server's own
+  limit on this machine). Both write into fresh databases of the same server; the best
+  of the rounds is kept for each (the machine is shared).
+- ``outage_points_lost``: points submitted at a steady rate while influxd is stopped for
+  ``--outage-s`` seconds and started again, minus the points the server holds at the end.
+
+Usage: python benchmarks/write.py [--quick] [--url http://127.0.0.1:8086]
+"""
+
+from __future__ import annotations
+
+import gzip
+import http.client
+import sys
+import tempfile
+import threading
+import time
+import urllib.parse
+
+import _common
+from encode import make_points
+from provscope.agent.pipeline import Pipeline
+from provscope.exporters.influxdb import InfluxDBExporter
+from provscope.exporters.lineprotocol import encode_batch
+
+from provscope.testing.servers import InfluxServer
+
+BATCH = 5000
+
+
+def _count(server: InfluxServer, db: str) -> int:
+    total = 0
+    for meas, field in (("gpu", "power_watts"), ("train", "loss"), ("layer", "grad_norm"),
+                        ("cpu", "load1")):
+        total += server.count(db, meas, field)
+    return total
+
+
+def _raw_post(server: InfluxServer, db: str, bodies: list[bytes]) -> float:
+    parts = urllib.parse.urlsplit(server.url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+    path = f"/write?db={db}&precision=ns"
+    headers = {"Content-Encoding": "gzip", "Content-Type": "text/plain"}
+    start = time.perf_counter()
+    for body in bodies:
+        conn.request("POST", path, body=body, headers=headers)
+        resp = conn.getresponse()
+        resp.read()
+        if resp.status != 204:
+            raise RuntimeError(f"raw post: HTTP {resp.status}")
+    elapsed = time.perf_counter() - start
+    conn.close()
+    return elapsed
+
+
+def _writer(server: InfluxServer, db: str, points: list, spool: str) -> float:
+    exp = InfluxDBExporter(server.url, database=db, spool_dir=spool, batch_size=BATCH)
+    pipeline = Pipeline([exp], queue_size=len(points) + 1)
+    start = time.perf_counter()
+    pipeline.submit_many(points)
+    if not pipeline.flush(300):
+        raise RuntimeError("writer did not drain in 300 s")
+    elapsed = time.perf_counter() - start
+    pipeline.shutdown(5)
+    return elapsed
+
+
+def _outage(server: InfluxServer, outage_s: float, rate: int, spool: str) -> dict:
+    server.create_database("outage")
+    exp = InfluxDBExporter(server.url, database="outage", spool_dir=spool, batch_size=BATCH,
+                           max_backoff_s=2.0, timeout_s=2.0)
+    pipeline = Pipeline([exp])
+    sent = 0
+    stop = threading.Event()
+    t0 = 1_795_544_890_000_000_000
+
+    def produce():
+        nonlocal sent
+        chunk = max(1, rate // 20)
+        while not stop.is_set():
+            pts = make_points(chunk, seed=sent)
+            pts = [type(p)(p.measurement, p.tags, p.fields, t0 + sent + j)
+                   for j, p in enumerate(pts)]
+            pipeline.submit_many(pts)
+            sent += len(pts)
+            time.sleep(0.05)
+
+    producer = threading.Thread(target=produce, daemon=True)
+    producer.start()
+    time.sleep(2.0)
+    server.stop()
+    time.sleep(outage_s)
+    server.start()
+    time.sleep(2.0)
+    stop.set()
+    producer.join()
+    drained = pipeline.flush(300)
+    stats = pipeline.stats()["influxdb"]
+    pipeline.shutdown(5)
+    arrived = _count(server, "outage")
+    return {"sent": sent, "arrived": arrived, "drained": drained,
+            "spooled": stats.get("points_spooled_total", 0.0),
+            "dropped": stats.get("points_dropped_total", 0.0)}
+
+
+def main() -> int:
+    p = _common.parser(__doc__.splitlines()[0])
+    p.add_argument("--outage-s", type=float, default=None, help="outage length, seconds")
+    args = p.parse_args()
+    n = 100_000 if args.quick else 500_000
+    rounds = 1 if args.quick else 2
+    outage_s = args.outage_s if args.outage_s is not None else (5.0 if args.quick else 30.0)
+    points = make_points(n)
+    bodies = [gzip.compress(encode_batch(points[i:i + BATCH]), compresslevel=1, mtime=0)
+              for i in range(0, n, BATCH)]
+    server = InfluxServer().start()
+    try:
+        raw_s = ours_s = float("inf")
+        for r in range(rounds):
+            server.create_database(f"raw{r}")
+            raw_s = min(raw_s, _raw_post(server, f"raw{r}", bodies))
+            server.create_database(f"ours{r}")
+            with tempfile.TemporaryDirectory() as spool:
+                ours_s = min(ours_s, _writer(server, f"ours{r}", points, spool))
+            got = _count(server, f"ours{r}")
+            if got != n:
+                print(f"writer: server holds {got} of {n} points", file=sys.stderr)
+                return 1
+        with tempfile.TemporaryDirectory() as spool:
+            out = _outage(server, outage_s, 5_000 if args.quick else 20_000, spool)
+        print(f"# outage: {out}", file=sys.stderr)
+    finally:
+        server.close()
+    _common.emit([
+        _common.figure("write", "points_per_s", n / ours_s, "points/s", "higher",
+                       baseline="raw keep-alive POST of pre-encoded gzip batches",
+                       baseline_value=n / raw_s, points=n, batch_size=BATCH),
+        _common.figure("write", "outage_points_lost", out["sent"] - out["arrived"], "points",
+                       "lower", outage_s=outage_s, points_sent=out["sent"],
+                       points_spooled=out["spooled"]),
+    ])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
