@@ -30,41 +30,75 @@ def _f32(x: float) -> float:
 
 
 def make_points(n: int, seed: int = 1) -> list[Point]:
-    """``n`` points shaped like provscope's telemetry, with values as their sources give them.
+    """``n`` points shaped like what provscope emits, values as their sources give them.
 
-    NVML reports integer percent/celsius and milliwatts, psutil one-decimal percents,
-    training scalars are float32 tensor values; 3-4 tags, mixed float/int/bool/str fields.
+    One quarter each of ``gpu`` (16 fields), ``cpu`` (15), ``train`` (8) and ``layer`` (13),
+    the field sets of ``provscope.catalogue``. NVML reports integer percent, celsius and
+    byte counters and milliwatts; psutil one-decimal percents; training and layer
+    statistics are float32 tensor values (long repr digits); 1-4 tags per point.
     """
     rnd = random.Random(seed)
     hosts = [f"node-{i:03d}" for i in range(8)]
     runs = [f"0192f7a0-{i:04x}-7000-8000-00000000000{i}" for i in range(4)]
     t0 = 1_795_544_890_000_000_000
     out = []
+    pct = lambda: rnd.randrange(1001) / 10  # noqa: E731 - psutil-style 0.1 % steps
     for i in range(n):
         kind = i % 4
         host = hosts[i % len(hosts)]
+        t = t0 + i
         if kind == 0:
+            fields = {
+                "utilization_percent": float(rnd.randrange(101)),
+                "memory_utilization_percent": float(rnd.randrange(101)),
+                "memory_used_bytes": float(rnd.randrange(1 << 36)),
+                "memory_total_bytes": 85899345920.0,
+                "power_watts": rnd.randrange(50_000, 700_000) / 1000,
+                "energy_joules_total": i * 301.125,
+                "temperature_celsius": float(rnd.randrange(30, 90)),
+                "sm_clock_hertz": float(rnd.randrange(1000, 1980)) * 1e6,
+                "memory_clock_hertz": 2619e6,
+                "throttle_reasons": 0,
+                "pcie_transmit_bytes_total": float(i * 4096),
+                "pcie_receive_bytes_total": float(i * 8192),
+                "nvlink_transmit_bytes_total": float(i * 65536),
+                "nvlink_receive_bytes_total": float(i * 65536),
+                "ecc_corrected_errors_total": 0.0,
+                "ecc_uncorrected_errors_total": 0.0,
+            }
             out.append(Point("gpu", {"host": host, "gpu": str(i % 8), "gpu_uuid": f"GPU-{i % 8}"},
-                             {"utilization_percent": float(rnd.randrange(101)),
-                              "memory_used_bytes": rnd.randrange(1 << 34),
-                              "power_watts": rnd.randrange(50_000, 700_000) / 1000,
-                              "temperature_celsius": float(rnd.randrange(30, 90)),
-                              "throttled": i % 7 == 0},
-                             t0 + i))
+                             fields, t))
         elif kind == 1:
-            out.append(Point("train", {"host": host, "run_id": runs[i % 4], "rank": str(i % 8)},
-                             {"loss": _f32(rnd.random() * 3), "step": i,
-                              "lr": _f32(1e-4 * rnd.random()), "phase": "train"}, t0 + i))
+            fields = {name: pct() for name in (
+                "usage_percent", "user_percent", "nice_percent", "system_percent",
+                "idle_percent", "iowait_percent", "irq_percent", "softirq_percent",
+                "steal_percent", "guest_percent")}
+            fields.update(load1=rnd.randrange(800) / 100, load5=rnd.randrange(800) / 100,
+                          load15=rnd.randrange(800) / 100, frequency_hertz=2.45e9,
+                          logical_cpus=64)
+            out.append(Point("cpu", {"host": host}, fields, t))
         elif kind == 2:
+            out.append(Point("train", {"host": host, "run_id": runs[i % 4], "rank": str(i % 8)},
+                             {"step": i, "epoch": i // 10_000, "loss": _f32(rnd.random() * 3),
+                              "lr": _f32(1e-4 * rnd.random()),
+                              "samples_per_second": _f32(rnd.random() * 1e3),
+                              "tokens_per_second": _f32(rnd.random() * 1e5),
+                              "step_time_seconds": _f32(rnd.random()),
+                              "grad_norm": _f32(rnd.random() * 5)}, t))
+        else:
             out.append(Point("layer", {"host": host, "run_id": runs[i % 4], "rank": "0",
                                        "layer": f"model.layers.{i % 32}.mlp"},
-                             {"grad_norm": _f32(rnd.random()), "weight_norm": _f32(rnd.random()),
-                              "step": i}, t0 + i))
-        else:
-            out.append(Point("cpu", {"host": host},
-                             {"utilization_percent": rnd.randrange(1001) / 10,
-                              "ctx_switches_total": i, "load1": rnd.randrange(800) / 100},
-                             t0 + i))
+                             {"step": i, "activation_mean": _f32(rnd.gauss(0, 1)),
+                              "activation_std": _f32(rnd.random()),
+                              "activation_abs_max": _f32(rnd.random() * 10),
+                              "activation_zero_fraction": _f32(rnd.random()),
+                              "activation_nan_count": 0, "activation_inf_count": 0,
+                              "forward_seconds": _f32(rnd.random() / 100),
+                              "backward_seconds": _f32(rnd.random() / 100),
+                              "grad_norm": _f32(rnd.random()),
+                              "weight_norm": _f32(rnd.random() * 10),
+                              "update_ratio": _f32(rnd.random() / 1000),
+                              "memory_allocated_delta_bytes": rnd.randrange(1 << 20)}, t))
     return out
 
 

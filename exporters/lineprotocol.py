@@ -70,6 +70,8 @@ _int_cache: dict[tuple[Any, Any], str] = {}  # (measurement, field) -> "i" or ""
 # number of tag keys and values make it unambiguous. It keeps the caller's key order:
 # callers emit the same order for the same series, so it hits.
 _SEP = object()
+_FLOAT_CACHE_MAX = 20_000
+_float_text: dict[float, str] = {}  # float -> its line protocol text (bounded, never 0.0)
 _series_caches: dict[bool, dict[tuple, _Series]] = {True: {}, False: {}}
 
 
@@ -148,7 +150,7 @@ def _compile(shape: tuple, fields: Any) -> Any:
     # The series key holds the field keys in insertion order, so every dict that finds
     # this encoder has exactly that order: one unpack of .values() replaces N lookups.
     position = {key: i for i, key in enumerate(fields)}
-    ns: dict[str, Any] = {"E": _ESCAPE_STRING}
+    ns: dict[str, Any] = {"E": _ESCAPE_STRING, "R": _float_text}
     guard, conv, out = ["type(t) is int"], [], []
     for (key, key_eq, suffix), t in zip(shape, types, strict=True):
         i = position[key]
@@ -162,7 +164,13 @@ def _compile(shape: tuple, fields: Any) -> Any:
         guard.append(f"type(v{i}) is {_FAST_TYPES[t]}")
         if t is float:
             guard.append(f"not v{i} - v{i}")  # x - x is NaN (truthy) for NaN and inf
-            conv.append(f"        s{i} = repr(v{i}).removesuffix('.0')")
+            # Telemetry repeats values (0, 100 %, totals, clocks): a bounded cache of float
+            # text turns most repr calls into one dict lookup. Zero is not cached because
+            # 0.0 == -0.0 would share an entry; its repr is fast anyway.
+            conv.append(f"        s{i} = R.get(v{i})")
+            conv.append(f"        if s{i} is None:")
+            conv.append(f"            s{i} = repr(v{i}).removesuffix('.0')")
+            conv.append(f"            if v{i} and len(R) < {_FLOAT_CACHE_MAX}: R[v{i}] = s{i}")
             out.append(f"{name}{{s{i}}}")
         elif t is int:
             out.append(f"{name}{{v{i}}}{suffix}")
