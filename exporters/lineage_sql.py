@@ -23,6 +23,7 @@ import importlib.util
 import json
 import logging
 import math
+import operator
 import os
 import threading
 import time
@@ -35,6 +36,7 @@ import sqlalchemy as sa
 from provscope.exporters.base import ExportResult
 from provscope.exporters.lineage_schema import (
     ENTITIES,
+    JSON_COLUMNS,
     RELATIONS,
     RESOURCE_COLUMNS,
     RUNS,
@@ -81,11 +83,14 @@ def _clean(value: Any) -> Any:
     return text if len(text) <= 200 else text[:197] + "..."
 
 
+_ENCODER = json.JSONEncoder(allow_nan=False, separators=(",", ":"))
+
+
 def _dumps(value: Any) -> str:
     try:
-        return json.dumps(value, allow_nan=False, separators=(",", ":"))
+        return _ENCODER.encode(value)
     except (TypeError, ValueError):
-        return json.dumps(_clean(value), allow_nan=False, separators=(",", ":"))
+        return _ENCODER.encode(_clean(value))
 
 
 # ----------------------------------------------------------------------------- URLs / engines
@@ -222,15 +227,20 @@ def _run_row(r: RunRecord) -> dict[str, Any]:
     }
 
 
+_NO_RESOURCES = dict.fromkeys(RESOURCE_COLUMNS)
+
+
 def _task_row(r: TaskRecord) -> dict[str, Any]:
-    res = r.resources or {}
     row = {
         "task_id": r.task_id, "run_id": r.run_id, "parent_task_id": r.parent_task_id,
         "name": r.name, "kind": r.task_kind, "host": r.host, "rank": r.rank, "pid": r.pid,
         "start_ns": r.start_ns, "end_ns": r.end_ns, "status": r.status, "error": r.error,
-        "params": _as_json(r.params), "result": _as_json(r.result),
-        "resources": _as_json(r.resources),
+        "params": r.params, "result": r.result, "resources": r.resources,
     }
+    res = r.resources
+    if not res:
+        row.update(_NO_RESOURCES)
+        return row
     for key in RESOURCE_COLUMNS:
         value = res.get(key)
         if isinstance(value, int | float) and not isinstance(value, bool) \
@@ -283,9 +293,10 @@ def _upsert(dialect: str, table: sa.Table, keys: Sequence[str]) -> sa.Insert:
         from sqlalchemy.dialects.postgresql import insert
     else:
         from sqlalchemy.dialects.sqlite import insert
-    stmt = insert(table)
+    stmt = insert(table).values({c.name: sa.bindparam(c.name) for c in table.columns})
     excluded = stmt.excluded
     sets: dict[str, Any] = {}
+    running = sa.literal_column("'running'")  # inline: the statement has only column binds
     for col in table.columns:
         if col.name in keys:
             continue
@@ -293,12 +304,58 @@ def _upsert(dialect: str, table: sa.Table, keys: Sequence[str]) -> sa.Insert:
         if col.name == "status":
             sets[col.name] = sa.case(
                 (new.is_(None), old),
-                (sa.and_(new == "running", old.is_not(None)), old),
+                (sa.and_(new == running, old.is_not(None)), old),
                 else_=new,
             )
         else:
             sets[col.name] = sa.func.coalesce(new, old)
     return stmt.on_conflict_do_update(index_elements=list(keys), set_=sets)
+
+
+def _sqlite_ts(ns: int | None) -> str | None:
+    # SQLAlchemy's SQLite DATETIME text format ("YYYY-MM-DD HH:MM:SS.ffffff"), in UTC.
+    if ns is None:
+        return None
+    return dt.datetime.fromtimestamp(ns / 1e9, tz=_UTC).replace(tzinfo=None).isoformat(
+        " ", "microseconds")
+
+
+class _CompiledUpsert:
+    """One table's upsert compiled once to driver SQL, and its row -> parameters step.
+
+    Rows skip SQLAlchemy's per-row bind processing (the hot path of a batch): JSON is
+    encoded here, timestamps are derived from the ``*_ns`` columns here, and the driver's
+    ``executemany`` gets plain tuples (SQLite) or dicts (psycopg).
+    """
+
+    def __init__(self, engine: Engine, table: sa.Table, keys: Sequence[str]) -> None:
+        dialect = engine.dialect
+        compiled = _upsert(dialect.name, table, keys).compile(dialect=dialect)
+        self.sql = compiled.string
+        names = list(compiled.positiontup or []) or [c.name for c in table.columns]
+        self.positional = bool(compiled.positiontup)
+        self._get = operator.itemgetter(*names)
+        self._names = names
+        self._json = tuple(c for c in JSON_COLUMNS.get(table.name, ()) if c in names)
+        self._times = tuple((ns, ts) for ns, ts in TIME_COLUMNS.get(table.name, {}).items()
+                            if ts in names)
+        self._to_ts = _sqlite_ts if dialect.name == "sqlite" else _ts
+
+    def params(self, rows: list[dict[str, Any]]) -> list[Any]:
+        """Driver parameters for merged rows (the rows are converted in place)."""
+        json_cols, times, to_ts = self._json, self._times, self._to_ts
+        for r in rows:
+            for c in json_cols:
+                v = r[c]
+                if v is not None:
+                    r[c] = _dumps(v)
+            for ns, ts in times:
+                r[ts] = to_ts(r[ns])
+        if self.positional:
+            get = self._get
+            return [get(r) for r in rows]
+        names = self._names
+        return [{n: r[n] for n in names} for r in rows]
 
 
 # ----------------------------------------------------------------------------- store
@@ -319,7 +376,7 @@ class SqlLineageStore:
         self.engine = create_lineage_engine(url, writer=True, busy_timeout_ms=busy_timeout_ms)
         self.dialect = self.engine.dialect.name
         self._migrated = False
-        self._stmts = {cls: _upsert(self.dialect, t, keys) for cls, (t, keys, _)
+        self._stmts = {cls: _CompiledUpsert(self.engine, t, keys) for cls, (t, keys, _)
                        in _TABLES.items()}
 
     def ensure_schema(self) -> None:
@@ -354,10 +411,6 @@ class SqlLineageStore:
         for cls, by_key in merged.items():
             if not by_key:
                 continue
-            times = TIME_COLUMNS[_TABLES[cls][0].name]
-            for row in by_key.values():
-                for ns_col, ts_col in times.items():
-                    row[ts_col] = _ts(row[ns_col])
             out[cls] = list(by_key.values())
         return out
 
@@ -378,7 +431,8 @@ class SqlLineageStore:
         with self.engine.begin() as conn:
             for cls in _ORDER:
                 if cls in rows:
-                    conn.execute(self._stmts[cls], rows[cls])
+                    stmt = self._stmts[cls]
+                    conn.exec_driver_sql(stmt.sql, stmt.params(rows[cls]))
         return sum(len(v) for v in rows.values())
 
     def close(self) -> None:
