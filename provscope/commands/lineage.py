@@ -166,7 +166,7 @@ def run_show(args: argparse.Namespace) -> int:
     out = sys.stdout
     out.write(_run_header(run) + "\n")
     out.write("\n" + _task_tree(tasks, limit) + "\n")
-    ent = _entity_sections(entities, relations, tasks)
+    ent = _entity_sections(entities, relations, tasks, run_id)
     if ent:
         out.write("\n" + ent + "\n")
     out.write("\n" + _resources(tasks) + "\n")
@@ -238,11 +238,12 @@ def _task_tree(tasks: Any, limit: float) -> str:
     return text
 
 
-def _entity_sections(entities: Any, relations: Any, tasks: Any) -> str:
+def _entity_sections(entities: Any, relations: Any, tasks: Any, run_id: str) -> str:
     if entities.empty:
         return ""
     by_id = {r["entity_id"]: r for r in entities.to_dict(orient="records")}
     names = dict(zip(tasks.task_id, tasks.name, strict=True))
+    names[run_id] = "(run)"  # relations recorded on the run itself
     sections: dict[str, list[list[str]]] = {"used": [], "generated": []}
     related: set[str] = set()
     seen: set[tuple[str, str, str]] = set()

@@ -18,7 +18,7 @@ SEC = 1_000_000_000
 
 def _record_run(url: str, *, steps: int = 3, name: str = "finetune") -> str:
     store = SqlLineageStore(url)
-    run_id, train, evaluate, data, ckpt = (new_id() for _ in range(5))
+    run_id, train, evaluate, data, ckpt, cfg = (new_id() for _ in range(6))
     records = [
         RunRecord(run_id, name=name, status="finished", host="node7", user="ada",
                   start_ns=T0, end_ns=T0 + 125 * SEC, command="python train.py --lr 0.1",
@@ -36,6 +36,8 @@ def _record_run(url: str, *, steps: int = 3, name: str = "finetune") -> str:
                      size_bytes=2048),
         RelationRecord("used", train, data, run_id=run_id, role="train_data"),
         RelationRecord("generated", train, ckpt, run_id=run_id),
+        EntityRecord(cfg, "config", uri="file:///cfg.yaml"),
+        RelationRecord("used", run_id, cfg, run_id=run_id, role="config"),  # by the run
     ]
     for i in range(steps):
         records.append(TaskRecord(new_id(), run_id, parent_task_id=train, name=f"step {i}",
@@ -100,7 +102,9 @@ def test_show_prints_task_tree_entities_and_resources(db, capsys):
     assert "50 ms" in step
     assert any(line.startswith("eval ") and "failed*" in line for line in lines)
     assert "* eval: ValueError: nan" in out
-    assert "used (1)" in out and "file:///data/shakespeare.txt" in out and "1.0 MiB" in out
+    assert "used (2)" in out and "file:///data/shakespeare.txt" in out and "1.0 MiB" in out
+    cfg = next(line for line in lines if "file:///cfg.yaml" in line)
+    assert cfg.split()[-2:] == ["(run)", "config"]
     assert "generated (1)" in out and "file:///ckpt/final.pt" in out
     assert "train_data" in out
     # Top-level tasks only: the steps are inside "train" and are not counted twice.
@@ -125,7 +129,7 @@ def test_show_json_has_run_tasks_entities_relations(db, capsys):
     assert main([*flags, "show", run_id, "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["run"]["run_id"] == run_id
-    assert len(data["tasks"]) == 5 and len(data["entities"]) == 2
+    assert len(data["tasks"]) == 5 and len(data["entities"]) == 3
     assert {r["relation"] for r in data["relations"]} == {"used", "generated"}
 
 
