@@ -5,7 +5,7 @@ Step boundary (how a "step" is known without user code):
 * with ``optimizer=``: a step ends when ``optimizer.step()`` returns (optimizer step
   post-hook). Gradient norms are read in the step pre-hook, when gradients are final
   (gradient accumulation included); weights are snapshotted there on sampled steps for the
-  update ratio ``||W_after - W_before|| / ||W_before||``.
+  update ratio ``||W_after - W_before|| / ||W_after||``.
 * without an optimizer: every call of the root module's ``forward`` with gradients enabled
   and the module in training mode starts a new step (a cheap forward pre-hook on the root,
   the only hook that stays attached). Gradient norms come from post-accumulate-grad hooks;
@@ -98,7 +98,7 @@ class _StepState:
     )
 
     def __init__(self, n: int) -> None:
-        self.acts: list[tuple[int, torch.Tensor, int]] = []
+        self.acts: list[tuple[int, ts.Moments]] = []
         self.fwd0: list[Any] = [None] * n
         self.fwd: list[Any] = [None] * n  # CPU: seconds (summed); CUDA: list of event pairs
         self.bwd0: list[Any] = [None] * n
@@ -392,7 +392,7 @@ class Watcher:
                 return
             moments = ts.activation_moments(x)
             if moments is not None:
-                state.acts.append((i, moments[0], moments[1]))
+                state.acts.append((i, moments))
             if x.requires_grad and torch.is_grad_enabled():
                 x.register_hook(self._bwd_start[i])
         except Exception as exc:
@@ -503,42 +503,27 @@ class Watcher:
         if self.log_params and params:
             weight_norms = ts.foreach_norms(params)
             if state.snapshot is not None:
-                with torch.no_grad():
-                    diffs = [p.detach() - s for p, s in zip(params, state.snapshot, strict=True)]
-                update_norms = ts.foreach_norms(diffs)
-                base_norms = ts.foreach_norms(state.snapshot)
-            else:
-                base_norms = []
-        else:
-            base_norms = []
+                update_norms = ts.foreach_norms(ts.difference(params, state.snapshot))
         grad_keys = sorted(state.grad_norms)
-        chunks: list[torch.Tensor] = [m for _, m, _ in state.acts]
         scalars = [state.grad_norms[k] for k in grad_keys]
-        scalars += weight_norms + update_norms + base_norms
-        parts = chunks + ([torch.stack([s.to(self._device) for s in scalars]).double()]
-                          if scalars else [])
-        flat = torch.cat([c.to(self._device) for c in parts]).cpu().tolist() if parts else []
-        w = ts.ACTIVATION_WIDTH
+        scalars += weight_norms + update_norms
+        act_fields, flat = ts.to_host([m for _, m in state.acts], scalars, self._device)
         fields: list[dict[str, Any]] = [{"step": step} for _ in self._layers]
+        for (i, _), f in zip(state.acts, act_fields, strict=True):
+            fields[i].update(f)
         off = 0
-        for i, _, numel in state.acts:
-            fields[i].update(ts.activation_fields(flat[off:off + w], numel))
-            off += w
         grad_vals = dict(zip(grad_keys, flat[off:off + len(grad_keys)], strict=True))
         off += len(grad_keys)
         np_ = len(params)
         wn = flat[off:off + np_] if weight_norms else []
         off += len(wn)
         un = flat[off:off + np_] if update_norms else []
-        off += len(un)
-        bn = flat[off:off + np_] if base_norms else []
 
         # Per-layer sums of squares of per-parameter norms.
         g2 = [0.0] * len(self._layers)
         has_g = [False] * len(self._layers)
         w2 = [0.0] * len(self._layers)
         u2 = [0.0] * len(self._layers)
-        b2 = [0.0] * len(self._layers)
         param_points = []
         for k, (i, _pname, _p) in enumerate(self._params):
             pf: dict[str, Any] = {"step": step}
@@ -549,11 +534,10 @@ class Watcher:
             if wn:
                 w2[i] += wn[k] ** 2
                 pf["weight_norm"] = wn[k]
-            if un and bn:
+            if un and wn:
                 u2[i] += un[k] ** 2
-                b2[i] += bn[k] ** 2
-                if bn[k] > 0:
-                    pf["update_ratio"] = un[k] / bn[k]
+                if wn[k] > 0:
+                    pf["update_ratio"] = un[k] / wn[k]
             if self.per_param and len(pf) > 1:
                 param_points.append(Point("layer_param", self._param_tags[k], pf, now_ns))
 
@@ -567,8 +551,8 @@ class Watcher:
                 f["grad_norm"] = math.sqrt(g2[i])
             if wn and self._layers[i].params:
                 f["weight_norm"] = math.sqrt(w2[i])
-            if un and b2[i] > 0:
-                f["update_ratio"] = math.sqrt(u2[i]) / math.sqrt(b2[i])
+            if un and w2[i] > 0:
+                f["update_ratio"] = math.sqrt(u2[i]) / math.sqrt(w2[i])
             fwd = state.fwd[i]
             if fwd is not None:
                 f["forward_seconds"] = (

@@ -22,6 +22,14 @@ __all__ = ["Layer", "architecture_summary", "describe_model", "select_layers", "
 
 _ARCH_CHARS = 2000
 
+# Parameter-free modules that only rescale or pass their input on: their statistics repeat
+# the previous layer's (dropout adds exactly its rate of zeros), at the full cost of a pass
+# over the activation. Left out by default; a ``layers=`` pattern selects them.
+_PASS_THROUGH: tuple[type[nn.Module], ...] = (
+    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+    nn.FeatureAlphaDropout, nn.Identity,
+)
+
 
 @dataclass(frozen=True, slots=True)
 class Layer:
@@ -92,7 +100,8 @@ def select_layers(
     """Pick the modules to watch.
 
     Default: every leaf module plus every module that owns parameters directly (e.g.
-    ``MultiheadAttention``, whose projection weights are its own). ``depth`` cuts the tree:
+    ``MultiheadAttention``, whose projection weights are its own), except pass-through
+    modules (``Dropout`` variants, ``Identity``). ``depth`` cuts the tree:
     modules exactly ``depth`` levels down are taken whole, shallower leaves too.
     ``layers`` keeps only names matching one of the patterns (glob, or ``re:<regex>``
     matched against the whole dotted name); with patterns, non-leaf modules may match.
@@ -119,7 +128,7 @@ def select_layers(
         elif depth is not None:
             ok = level == depth or is_leaf
         else:
-            ok = is_leaf or owns
+            ok = (is_leaf or owns) and not isinstance(module, _PASS_THROUGH)
         if ok:
             chosen.append((name, module))
     if not chosen and next(model.parameters(), None) is not None and match is None:

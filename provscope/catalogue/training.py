@@ -37,10 +37,10 @@ SPECS += [
     MetricSpec("layer", "backward_seconds", "gauge", "seconds", "Backward time of the layer: output gradient ready to input gradient ready.", _LAYER),
     MetricSpec("layer", "grad_norm", "gauge", "1", "L2 norm of the gradients of the layer's own parameters.", _LAYER),
     MetricSpec("layer", "weight_norm", "gauge", "1", "L2 norm of the layer's own parameters after the step.", _LAYER),
-    MetricSpec("layer", "update_ratio", "gauge", "ratio", "||W_after - W_before|| / ||W_before|| around the optimizer step.", _LAYER),
+    MetricSpec("layer", "update_ratio", "gauge", "ratio", "||W_after - W_before|| / ||W_after|| around the optimizer step (the relative size of the update).", _LAYER),
     MetricSpec("layer", "memory_allocated_delta_bytes", "gauge", "bytes", "CUDA memory allocated during the layer's forward (can be negative).", _LAYER, "int"),
     MetricSpec("layer_param", "step", "gauge", "count", "Training step of the parameter statistics.", _PARAM, "int"),
     MetricSpec("layer_param", "grad_norm", "gauge", "1", "L2 norm of one parameter tensor's gradient.", _PARAM),
     MetricSpec("layer_param", "weight_norm", "gauge", "1", "L2 norm of one parameter tensor.", _PARAM),
-    MetricSpec("layer_param", "update_ratio", "gauge", "ratio", "||W_after - W_before|| / ||W_before|| of one parameter tensor.", _PARAM),
+    MetricSpec("layer_param", "update_ratio", "gauge", "ratio", "||W_after - W_before|| / ||W_after|| of one parameter tensor.", _PARAM),
 ]
