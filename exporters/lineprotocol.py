@@ -151,7 +151,7 @@ def _compile(shape: tuple, fields: Any) -> Any:
     # this encoder has exactly that order: one unpack of .values() replaces N lookups.
     position = {key: i for i, key in enumerate(fields)}
     ns: dict[str, Any] = {"E": _ESCAPE_STRING, "R": _float_text}
-    guard, conv, out = ["type(t) is int"], [], []
+    guard, conv, out, finite = ["type(t) is int"], [], [], []
     for (key, key_eq, suffix), t in zip(shape, types, strict=True):
         i = position[key]
         # Plain keys go into the f-string as literal text (one fewer lookup and format per
@@ -163,14 +163,19 @@ def _compile(shape: tuple, fields: Any) -> Any:
             name = f"{{A{i}}}"
         guard.append(f"type(v{i}) is {_FAST_TYPES[t]}")
         if t is float:
-            guard.append(f"not v{i} - v{i}")  # x - x is NaN (truthy) for NaN and inf
-            # Telemetry repeats values (0, 100 %, totals, clocks): a bounded cache of float
-            # text turns most repr calls into one dict lookup. Zero is not cached because
-            # 0.0 == -0.0 would share an entry; its repr is fast anyway.
-            conv.append(f"        s{i} = R.get(v{i})")
-            conv.append(f"        if s{i} is None:")
-            conv.append(f"            s{i} = repr(v{i}).removesuffix('.0')")
-            conv.append(f"            if v{i} and len(R) < {_FLOAT_CACHE_MAX}: R[v{i}] = s{i}")
+            finite.append(f"v{i} - v{i}")
+            text = repr(fields[key]).removesuffix(".0")
+            if len(text) < 12:
+                # Telemetry repeats such values (0 and 100 %, totals, clock rates): a
+                # bounded cache of their text turns repr into one dict lookup. Zero is not
+                # cached (0.0 == -0.0 would share an entry; its repr is fast anyway).
+                conv.append(f"        s{i} = R.get(v{i})")
+                conv.append(f"        if s{i} is None:")
+                conv.append(f"            s{i} = repr(v{i}).removesuffix('.0')")
+                conv.append(f"            if v{i} and len(R) < {_FLOAT_CACHE_MAX}: R[v{i}] = s{i}")
+            else:
+                # Long texts (float32 statistics) seldom repeat: no cache lookup.
+                conv.append(f"        s{i} = repr(v{i}).removesuffix('.0')")
             out.append(f"{name}{{s{i}}}")
         elif t is int:
             out.append(f"{name}{{v{i}}}{suffix}")
@@ -178,6 +183,9 @@ def _compile(shape: tuple, fields: Any) -> Any:
             out.append(f'{name}"{{v{i}.translate(E)}}"')
         else:
             out.append(f"{name}{{'true' if v{i} else 'false'}}")
+    if finite:
+        # x - x is 0.0 for a finite float and NaN for NaN/inf; one sum checks them all.
+        guard.append("not (" + " + ".join(finite) + ")")
     quote = "'" * 3
     source = "\n".join([
         "def enc(f, p, t):",
