@@ -75,8 +75,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 MAX_ERROR_CHARS = 4000
 TRAIN = "train"
 _INT_FIELDS = frozenset({"step", "epoch"})
-_COUNT_KEYS = {"point": "points", "task": "tasks", "entity": "entities", "relation": "relations",
-               "run": "runs"}
+# Records counted per kind (tasks are counted once each, when they start).
+_COUNT_KEYS = {"point": "points", "entity": "entities", "relation": "relations", "run": "runs"}
 
 
 def enabled() -> bool:
@@ -234,7 +234,8 @@ class Run:
     Create it with ``provscope.workflow(...)``. Attributes: ``run_id``, ``name``, ``host``,
     ``rank``, ``config`` (provscope settings), ``hparams`` (the user's config, JSON-safe),
     ``owner`` (False when joining a run started by ``provscope run``), ``errors``
-    (exceptions swallowed), ``counts`` (records emitted by kind).
+    (exceptions swallowed), ``counts`` (tasks started; points, entities, relations and
+    run records emitted).
     """
 
     def __init__(
@@ -448,6 +449,7 @@ class Run:
         if threading.get_ident() == self._owner_thread:
             self._main_stack.append(task.task_id)
         task._meter = capture.ResourceMeter()
+        self.counts["tasks"] += 1
         self.emit(TaskRecord(
             task_id=task.task_id, run_id=self.run_id, parent_task_id=task.parent_task_id,
             name=name, task_kind=kind, host=self.host, rank=self.rank, pid=os.getpid(),
@@ -577,6 +579,7 @@ class Run:
                     if log_every and step % log_every == 0:
                         self.log(step=step, step_time_seconds=elapsed)
                     if every and step % every == 0:
+                        self.counts["tasks"] += 1
                         self.emit(TaskRecord(
                             task_id=new_id(), run_id=self.run_id,
                             parent_task_id=self.current_task_id(), name=f"step {step}",
