@@ -194,6 +194,9 @@ class Watcher:
         self._params: list[tuple[int, str, nn.Parameter]] = [
             (i, pname, p) for i, layer in enumerate(self._layers) for pname, p in layer.params
         ]
+        self._layer_params: list[list[int]] = [[] for _ in self._layers]
+        for k, (i, _, _) in enumerate(self._params):
+            self._layer_params[i].append(k)
         self._param_tags = [
             {**self._layer_tags[i], "param": pname} for i, pname, _ in self._params
         ]
@@ -363,6 +366,14 @@ class Watcher:
                 x = args[0] if args else None
                 if isinstance(x, torch.Tensor) and x.requires_grad:
                     x.register_hook(self._bwd_end[i])
+                elif self.optimizer is not None:
+                    # No input gradient (embeddings, the first layer): the layer's backward
+                    # ends when its parameters' gradients are accumulated.
+                    for k in self._layer_params[i]:
+                        p = self._params[k][2]
+                        if p.requires_grad:
+                            self._step_handles.append(
+                                p.register_post_accumulate_grad_hook(self._grad_acc[k]))
         except Exception as exc:
             self._error(f"forward pre-hook of layer {self.layers[i]!r}", exc)
 
@@ -426,7 +437,8 @@ class Watcher:
             state = self._state
             if state is None or param.grad is None:
                 return
-            state.grad_norms[k] = ts.foreach_norms([param.grad])[0]
+            if self.optimizer is None:
+                state.grad_norms[k] = ts.foreach_norms([param.grad])[0]
             i = self._params[k][0]
             # Layers whose input needs no gradient (embeddings, first layer): the backward
             # ends when their last parameter gradient is accumulated.
@@ -645,6 +657,9 @@ class Watcher:
                 return
             self.active = False
         try:
+            if self.optimizer is None and self._in_step:
+                self._in_step = False
+                self._end_step()  # the last step ends with the watch
             if self._state is not None:
                 state, self._state = self._state, None
                 self._remove_step_hooks()
