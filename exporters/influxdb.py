@@ -50,6 +50,7 @@ import re
 import socket
 import time
 import urllib.parse
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -212,6 +213,7 @@ class InfluxDBExporter:
         self.batches_failed = 0
         self.last_latency_s = 0.0
         self.spool: Spool | None = self._open_spool(spool_dir, spool_max_bytes)
+        _LIVE.add(self)
 
     @classmethod
     def from_config(cls, config: Config) -> InfluxDBExporter:
@@ -576,11 +578,31 @@ class InfluxDBExporter:
             "export_latency_seconds": self.last_latency_s,
         }
 
+    def _forget_after_fork(self) -> None:
+        # A forked child must not write on the parent's socket or into its spool; it
+        # opens its own connection on demand and runs without a spool.
+        self._conn = None
+        if self.spool is not None:
+            self.spool.detach()
+            self.spool = None
+
     def _log(self, key: str, level: int, msg: str, *args: Any) -> None:
         now = time.monotonic()
         if now - self._last_log.get(key, -_LOG_EVERY_S) >= _LOG_EVERY_S:
             self._last_log[key] = now
             log.log(level, msg, *args)
+
+
+_LIVE: weakref.WeakSet[InfluxDBExporter] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for exporter in list(_LIVE):
+        exporter._forget_after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class _Split(Exception):

@@ -307,6 +307,19 @@ class Spool:
                 fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
                 os.close(self._lock_fd)
 
+    def detach(self) -> None:
+        """Drop this process's handles without unlocking or syncing (a forked child).
+
+        The parent keeps the directory and its lock; the child's copy becomes closed.
+        """
+        self._closed = True
+        with contextlib.suppress(Exception):
+            if self._writer is not None:
+                os.close(self._writer.fileno())  # the fd only: no flush of a shared buffer
+                self._writer = None
+        with contextlib.suppress(OSError):
+            os.close(self._lock_fd)  # closing a copy keeps the parent's flock
+
     def __enter__(self) -> Spool:
         return self
 

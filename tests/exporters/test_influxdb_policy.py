@@ -7,6 +7,7 @@ demand, so these cases use a stub; everything else is tested against the real se
 from __future__ import annotations
 
 import gzip
+import os
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -206,4 +207,27 @@ def test_keep_alive_reuses_one_connection(stub, tmp_path):
     sock = exp._conn.sock
     exp.export(_points(1, 9))
     assert exp._conn.sock is sock
+    exp.shutdown(1)
+
+
+def test_a_forked_child_uses_its_own_connection_and_leaves_the_spool_to_the_parent(
+        stub, tmp_path):
+    exp = _exporter(stub, tmp_path)
+    assert exp.export(_points(1)) is ExportResult.SUCCESS
+    parent_sock = exp._conn.sock
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report, never return into pytest
+        try:
+            ok = exp._conn is None and exp.spool is None
+            ok = ok and exp.export(_points(1, 7)) is ExportResult.SUCCESS
+            os.write(w, b"1" if ok else b"0")
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    assert os.read(r, 1) == b"1"
+    assert "m,h=n1 v=7 7" in stub.written()
+    # The parent keeps its connection and its spool (still locked against others).
+    assert exp._conn.sock is parent_sock and exp.spool is not None
+    assert exp.export(_points(1, 8)) is ExportResult.SUCCESS
     exp.shutdown(1)
