@@ -158,3 +158,24 @@ def test_exporter_writes_a_batch_and_counts_rows(store):
     exporter.shutdown(1)
     exporter.shutdown(1)  # idempotent
     assert len(rows(store, "tasks")) == 1
+
+
+def test_store_keeps_working_in_a_forked_child_and_in_the_parent(tmp_path):
+    import os
+
+    store = SqlLineageStore(f"sqlite:///{tmp_path / 'fork.db'}")
+    run_id = new_id()
+    store.write([RunRecord(run_id, name="parent")])
+    pid = os.fork()
+    if pid == 0:  # child: pooled connections of the parent must not be reused
+        code = 1
+        try:
+            store.write([start_end(run_id, new_id())[0]])
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.WEXITSTATUS(status) == 0
+    store.write([start_end(run_id, new_id())[0]])
+    assert len(rows(store, "tasks")) == 2
+    store.close()
