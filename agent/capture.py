@@ -42,7 +42,7 @@ __all__ = [
 MAX_STR = 256
 MAX_ITEMS = 16
 MAX_KEYS = 32
-MAX_DEPTH = 3
+MAX_DEPTH = 4
 HEAD_ITEMS = 3
 
 # Packages whose versions go into the run's environment when they are installed.

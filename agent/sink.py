@@ -247,11 +247,17 @@ def flush_all(timeout_s: float = 10.0) -> bool:
     return ok
 
 
-def shutdown_all(timeout_s: float | None = None) -> None:
-    """Stop every sink, sharing one deadline (default ``pipeline.shutdown_timeout_s``)."""
+def shutdown_all(timeout_s: float | None = None, *, forget: bool = False) -> None:
+    """Stop every sink, sharing one deadline (default ``pipeline.shutdown_timeout_s``).
+
+    ``forget=True`` also drops them from the registry, so the next record starts afresh
+    (tests, applications that change destinations).
+    """
     import time
 
     sinks = all_sinks()
+    if forget:
+        _sinks.clear()
     if not sinks:
         return
     if timeout_s is None:
