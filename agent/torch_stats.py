@@ -42,20 +42,19 @@ _FLOAT_KEEP = (torch.float32, torch.float64)
 
 
 def first_tensor(value: Any) -> torch.Tensor | None:
-    """The first tensor in a module output: the tensor itself, the first of a tuple/list,
-    or the first value of a dict (Hugging Face ``ModelOutput`` included); None otherwise."""
+    """The tensor of a module output that statistics describe: the output itself, else the
+    first floating-point tensor of a tuple/list or of a dict's values (Hugging Face
+    ``ModelOutput`` included), else the first tensor there; None when there is none."""
     if isinstance(value, torch.Tensor):
         return value
-    if isinstance(value, (tuple, list)):
-        for item in value:
-            if isinstance(item, torch.Tensor):
-                return item
-        return None
     if isinstance(value, Mapping):
-        for item in value.values():
-            if isinstance(item, torch.Tensor):
-                return item
-    return None
+        items = list(value.values())
+    elif isinstance(value, (tuple, list)):
+        items = value
+    else:
+        return None
+    tensors = [item for item in items if isinstance(item, torch.Tensor)]
+    return next((t for t in tensors if t.is_floating_point()), tensors[0] if tensors else None)
 
 
 class Moments:
