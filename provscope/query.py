@@ -133,7 +133,8 @@ def _frame(config: Config, table: str, statement: str, params: Mapping[str, Any]
 
 
 def runs(*, limit: int | None = None, name: str | None = None, status: str | None = None,
-         since: TimeLike = None, config: Config | None = None) -> pd.DataFrame:
+         since: TimeLike = None, run_id: str | None = None,
+         config: Config | None = None) -> pd.DataFrame:
     """Runs, most recent first.
 
     Args:
@@ -141,6 +142,7 @@ def runs(*, limit: int | None = None, name: str | None = None, status: str | Non
         name: only runs with this name.
         status: only runs with this status (running, finished, failed, killed).
         since: only runs started at or after this time (see ``series`` for time forms).
+        run_id: only this run.
 
     Returns:
         One row per run: the ``runs`` table columns, plus ``task_count`` and
@@ -153,6 +155,9 @@ def runs(*, limit: int | None = None, name: str | None = None, status: str | Non
     if status is not None:
         where.append("r.status = :status")
         params["status"] = status
+    if run_id is not None:
+        where.append("r.run_id = :run_id")
+        params["run_id"] = run_id
     if since is not None:
         where.append("r.start_ns >= :since")
         params["since"] = _to_ns(since)

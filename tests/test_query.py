@@ -163,6 +163,7 @@ def test_lineage_frames_read_the_same_from_sqlite_and_postgresql(lineage):
     assert str(runs["start_time"].dtype) == "datetime64[ns, UTC]"
     assert query.runs(limit=1, config=config)["name"].tolist() == ["finetune"]
     assert query.runs(status="failed", config=config)["name"].tolist() == ["older"]
+    assert query.runs(run_id=run_id, config=config)["name"].tolist() == ["finetune"]
 
     tasks = query.tasks(run_id, config=config)
     assert tasks["name"].tolist() == ["train", "step"]

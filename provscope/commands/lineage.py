@@ -152,8 +152,7 @@ def run_show(args: argparse.Namespace) -> int:
 
     config = load_from_args(args, **{"lineage.url": args.lineage_url})
     run_id = query.resolve_run_id(args.run_id, config=config)
-    runs = query.runs(config=config)
-    run = runs[runs.run_id == run_id].iloc[0]
+    run = query.runs(run_id=run_id, config=config).iloc[0]
     tasks = query.tasks(run_id, config=config)
     entities = query.entities(run_id, config=config)
     relations = query.relations(run_id, config=config)
