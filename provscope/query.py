@@ -362,7 +362,7 @@ def _literal(value: str) -> str:
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-def influxql(measurement: str, field: str | None, filters: Mapping[str, str],
+def _influxql(measurement: str, field: str | None, filters: Mapping[str, str],
              lo: int | None, hi: int | None) -> str:
     """The InfluxQL ``series()`` sends (tags come back through ``GROUP BY *``)."""
     where = [f"{_ident(k)} = {_literal(v)}" for k, v in filters.items()]
@@ -381,7 +381,7 @@ def _influx_rows(config: Config, measurement: str, field: str | None,
                  hi: int | None) -> list[tuple[Any, ...]]:
     ic = config.influxdb
     db = ic.bucket or ic.database if ic.api == "v2" else ic.database
-    params = {"db": db, "q": influxql(measurement, field, filters, lo, hi), "epoch": "ns",
+    params = {"db": db, "q": _influxql(measurement, field, filters, lo, hi), "epoch": "ns",
               "chunked": "true", "chunk_size": "10000"}
     if ic.retention_policy:
         params["rp"] = ic.retention_policy

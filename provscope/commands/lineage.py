@@ -17,6 +17,7 @@ __all__ = ["format_bytes", "format_duration", "register"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``runs`` and ``show`` subcommands."""
     p = sub.add_parser(
         "runs", help="list recent runs",
         description="Table of recent runs: id, name, status, start, duration, host, tasks.")
@@ -125,6 +126,7 @@ def _records(df: Any) -> list[dict[str, Any]]:
 # ----------------------------------------------------------------------------- runs
 
 def run_runs(args: argparse.Namespace) -> int:
+    """``provscope runs``: print the recent runs. Returns the exit code."""
     from provscope import query
     from provscope.cli import load_from_args
 
@@ -147,6 +149,7 @@ def run_runs(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- show
 
 def run_show(args: argparse.Namespace) -> int:
+    """``provscope show``: print one run. Unknown or ambiguous id: ProvscopeError (exit 1)."""
     from provscope import query
     from provscope.cli import load_from_args
 
