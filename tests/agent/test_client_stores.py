@@ -1,0 +1,101 @@
+"""End to end through ``Pipeline.from_config``: the embedded SQLite default, and real
+InfluxDB + PostgreSQL servers."""
+
+from __future__ import annotations
+
+import pytest
+from provscope.agent import client, sink
+
+import provscope
+from provscope import query
+from provscope.config import load_config
+
+
+@pytest.fixture(autouse=True)
+def fresh_sinks(monkeypatch):
+    for name in ("PROVSCOPE_RUN_ID", "PROVSCOPE_PARENT_TASK_ID", "PROVSCOPE_RANK", "RANK",
+                 "PROVSCOPE_ENABLED", "PROVSCOPE_CONFIG"):
+        monkeypatch.delenv(name, raising=False)
+    sink.shutdown_all(1.0, forget=True)
+    sink.set_factory(None)
+    monkeypatch.setattr(client, "_implicit", None)
+    yield
+    sink.shutdown_all(5.0, forget=True)
+
+
+def _short_training(settings, data_path, ckpt_path) -> provscope.Run:
+    @provscope.task(kind="data")
+    def prepare(path, limit=10):
+        return len(open(path).read()[:limit])
+
+    with provscope.workflow("e2e", config={"lr": 0.01}, campaign="tests",
+                            settings=settings) as run:
+        run.use(data_path, kind="dataset")
+        prepare(data_path)
+        for _epoch in run.epochs(2):
+            for _step, _ in run.steps(range(3), task_every=2):
+                run.log(loss=0.5, lr=0.01)
+            with run.task("eval", kind="eval"):
+                run.log(eval_loss=0.4)
+        ckpt_path.write_bytes(b"weights")
+        run.produce(ckpt_path, kind="checkpoint")
+    assert run.flush(20), "records were not all written"
+    return run
+
+
+def _check_lineage(run, settings) -> None:
+    runs = query.runs(config=settings)
+    row = runs[runs["run_id"] == run.run_id].iloc[0]
+    assert row["status"] == "finished" and row["campaign"] == "tests"
+    assert row["config"] == {"lr": 0.01}
+    tasks = query.tasks(run.run_id, config=settings)
+    kinds = tasks.groupby("kind").size().to_dict()
+    assert kinds == {"data": 1, "epoch": 2, "eval": 2, "step": 3}
+    assert (tasks["status"] == "finished").all() and tasks["end_ns"].notna().all()
+    ents = query.entities(run.run_id, config=settings)
+    assert sorted(ents["kind"]) == ["checkpoint", "dataset", "file"]
+    assert ents["digest"].str.startswith("sha256:").all()
+
+
+def test_embedded_default_round_trip_through_the_query_api(tmp_path):
+    settings = load_config(environ={}, overrides={
+        "embedded.path": str(tmp_path / "provscope.db"),
+        "agent.socket_path": str(tmp_path / "none.sock"),
+    })
+    data = tmp_path / "corpus.txt"
+    data.write_text("hello world")
+    run = _short_training(settings, data, tmp_path / "ckpt.pt")
+    assert run.sink_mode == "embedded"
+    _check_lineage(run, settings)
+    loss = query.series("train", "loss", run_id=run.run_id, config=settings)
+    assert len(loss) == 6 and set(loss["rank"]) == {"0"}
+    steps = query.series("train", "step", run_id=run.run_id, config=settings)
+    assert sorted(set(steps["value"])) == [0, 1, 2, 3, 4, 5]
+
+
+@pytest.mark.integration
+def test_influxdb_and_postgresql_receive_points_and_lineage(influx_server, influx_db,
+                                                           postgres_url, tmp_path):
+    settings = load_config(environ={}, overrides={
+        "influxdb.url": influx_server.url,
+        "influxdb.database": influx_db,
+        "influxdb.spool_dir": str(tmp_path / "spool"),
+        "lineage.url": postgres_url,
+        "agent.socket_path": str(tmp_path / "none.sock"),
+    })
+    data = tmp_path / "corpus.txt"
+    data.write_text("hello world")
+    run = _short_training(settings, data, tmp_path / "ckpt.pt")
+    res = influx_server.query(
+        f"SELECT \"loss\" FROM \"train\" WHERE \"run_id\" = '{run.run_id}'", influx_db)
+    assert len(res["results"][0]["series"][0]["values"]) == 6
+    res = influx_server.query(
+        f"SELECT \"step\", \"step_time_seconds\" FROM \"train\" WHERE \"run_id\" = "
+        f"'{run.run_id}' AND \"step_time_seconds\" >= 0", influx_db)
+    assert [v[1] for v in res["results"][0]["series"][0]["values"]] == [0, 1, 2, 3, 4, 5]
+    assert influx_server.count(influx_db, "train", "eval_loss") == 2
+    rows = query.sql("SELECT kind, count(*) AS n FROM tasks WHERE run_id = :r GROUP BY kind",
+                     {"r": run.run_id}, config=settings)
+    assert dict(zip(rows["kind"], rows["n"], strict=True)) == {
+        "data": 1, "epoch": 2, "eval": 2, "step": 3}
+    _check_lineage(run, settings)
