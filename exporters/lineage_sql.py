@@ -610,14 +610,15 @@ class SqlLineageExporter:
     def shutdown(self, timeout_s: float) -> None:
         """Replay what is spooled within the deadline, then release everything. Idempotent.
 
-        Batches still spooled stay on disk; the next process on this URL replays them.
+        Batches still spooled stay on disk; the next process on this URL replays them, so
+        a job exiting during an outage waits at most 2 s here, not the whole deadline.
         """
         with self._lock:
             if self._closed:
                 return
             self._closed = True
         try:
-            self.flush(timeout_s)
+            self.flush(min(timeout_s, 2.0))
         finally:
             if self.spool is not None:
                 self.spool.close()
