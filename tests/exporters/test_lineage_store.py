@@ -3,10 +3,14 @@ relations, JSON columns."""
 
 from __future__ import annotations
 
+import itertools
+import json
 import math
 
 import pytest
 import sqlalchemy as sa
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from provscope.exporters.base import ExportResult
 from provscope.exporters.lineage_sql import SqlLineageExporter, SqlLineageStore
 
@@ -179,3 +183,50 @@ def test_store_keeps_working_in_a_forked_child_and_in_the_parent(tmp_path):
     store.write([start_end(run_id, new_id())[0]])
     assert len(rows(store, "tasks")) == 2
     store.close()
+
+
+_FIELDS = {
+    "name": st.sampled_from(["a", "b"]),
+    "start_ns": st.integers(0, 10),
+    "end_ns": st.integers(11, 20),
+    "status": st.sampled_from(["running", "finished", "failed"]),
+    "params": st.dictionaries(st.sampled_from("xy"), st.integers(0, 3), max_size=2),
+}
+
+
+@st.composite
+def _partial_records(draw):
+    out = []
+    for _ in range(draw(st.integers(1, 6))):
+        chosen = draw(st.lists(st.sampled_from(sorted(_FIELDS)), unique=True))
+        out.append({k: draw(_FIELDS[k]) for k in chosen})
+    cuts = sorted(draw(st.lists(st.integers(0, len(out)), max_size=3)))
+    return out, cuts
+
+
+@settings(max_examples=25, deadline=None)
+@given(_partial_records())
+def test_database_merge_equals_applying_records_one_by_one(case):
+    import tempfile
+
+    from provscope.exporters.lineage_sql import _merge_into
+
+    fields, cuts = case
+    run_id, task_id = "run", "task"
+    records = [TaskRecord(task_id, run_id, **f) for f in fields]
+    expected: dict = {}
+    for f in fields:
+        _merge_into(expected, f)
+    with tempfile.TemporaryDirectory() as tmp:
+        store = SqlLineageStore(f"sqlite:///{tmp}/p.db")
+        bounds = [0, *cuts, len(records)]
+        for lo, hi in itertools.pairwise(bounds):
+            if hi > lo:
+                store.write(records[lo:hi])
+        (row,) = rows(store, "tasks")
+        store.close()
+    for key in _FIELDS:
+        got = row[key]
+        if key == "params" and got is not None:
+            got = json.loads(got)
+        assert got == expected.get(key), (key, fields, cuts)
