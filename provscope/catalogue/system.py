@@ -1,7 +1,141 @@
-"""Metric specs: system."""
+"""Metric specs of the node agent's collectors (measurements ``cpu`` ... ``agent``).
+
+One list per collector, gathered in ``SPECS``; ``BY_COLLECTOR`` maps a collector's name to
+the measurements it emits, which the contract test and the docs read. Units are base
+units; counters end in ``_total`` and stay raw and cumulative (query the rate).
+"""
 
 from __future__ import annotations
 
 from provscope.catalogue import MetricSpec
 
-SPECS: list[MetricSpec] = []
+__all__ = ["BY_COLLECTOR", "SPECS"]
+
+_H = ("host",)
+
+
+def _g(meas: str, field: str, unit: str, help_: str, tags=_H, dtype="float") -> MetricSpec:
+    return MetricSpec(meas, field, "gauge", unit, help_, tags, dtype)
+
+
+def _c(meas: str, field: str, unit: str, help_: str, tags=_H, dtype="float") -> MetricSpec:
+    return MetricSpec(meas, field, "counter", unit, help_, tags, dtype)
+
+
+# -- cpu: whole-node CPU time split by mode (percent of all CPUs over the last interval).
+CPU_MODES = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal", "guest")
+CPU = [
+    _g("cpu", "usage_percent", "percent", "Share of all CPUs busy (not idle or iowait) over the last interval."),
+    *[_g("cpu", f"{mode}_percent", "percent", f"Share of all CPU time spent in {mode} mode over the last interval.")
+      for mode in CPU_MODES],
+    _g("cpu", "load1", "1", "Run-queue load average over 1 minute."),
+    _g("cpu", "load5", "1", "Run-queue load average over 5 minutes."),
+    _g("cpu", "load15", "1", "Run-queue load average over 15 minutes."),
+    _g("cpu", "frequency_hertz", "hertz", "Mean current CPU clock frequency."),
+    _g("cpu", "logical_cpus", "count", "Logical CPUs.", dtype="int"),
+]
+
+MEMORY = [
+    _g("memory", "total_bytes", "bytes", "Physical memory installed."),
+    _g("memory", "used_bytes", "bytes", "Physical memory in use (total minus available)."),
+    _g("memory", "available_bytes", "bytes", "Memory available to new processes without swapping."),
+    _g("memory", "used_percent", "percent", "Share of physical memory in use."),
+    _g("memory", "swap_total_bytes", "bytes", "Swap space configured."),
+    _g("memory", "swap_used_bytes", "bytes", "Swap space in use."),
+]
+
+_D = ("host", "device")
+DISK = [
+    _c("disk", "read_bytes_total", "bytes", "Bytes read from the block device.", _D),
+    _c("disk", "written_bytes_total", "bytes", "Bytes written to the block device.", _D),
+    _c("disk", "reads_total", "count", "Read operations completed.", _D),
+    _c("disk", "writes_total", "count", "Write operations completed.", _D),
+    _c("disk", "busy_seconds_total", "seconds", "Time the device had I/O in flight (its rate is utilisation).", _D),
+]
+
+_N = ("host", "interface")
+NET = [
+    _c("net", "receive_bytes_total", "bytes", "Bytes received on the interface.", _N),
+    _c("net", "transmit_bytes_total", "bytes", "Bytes sent on the interface.", _N),
+    _c("net", "receive_packets_total", "count", "Packets received on the interface.", _N),
+    _c("net", "transmit_packets_total", "count", "Packets sent on the interface.", _N),
+    _c("net", "receive_errors_total", "count", "Receive errors on the interface.", _N),
+    _c("net", "transmit_errors_total", "count", "Transmit errors on the interface.", _N),
+    _c("net", "receive_drops_total", "count", "Incoming packets dropped on the interface.", _N),
+    _c("net", "transmit_drops_total", "count", "Outgoing packets dropped on the interface.", _N),
+]
+
+_F = ("host", "path")
+FILESYSTEM = [
+    _g("filesystem", "total_bytes", "bytes", "Size of the file system holding the path.", _F),
+    _g("filesystem", "used_bytes", "bytes", "Bytes used on the file system holding the path.", _F),
+    _g("filesystem", "free_bytes", "bytes", "Bytes available to unprivileged users on the file system.", _F),
+    _g("filesystem", "used_percent", "percent", "Share of the file system in use.", _F),
+]
+
+_P = ("host", "run_id", "rank")
+PROCESS = [
+    _c("process", "cpu_seconds_total", "seconds", "CPU time (user + system) of the job's process tree, exited children included.", _P),
+    _g("process", "rss_bytes", "bytes", "Resident memory of the job's process tree (sum over its live processes).", _P),
+    _c("process", "read_bytes_total", "bytes", "Bytes the job's process tree read from storage, exited children included.", _P),
+    _c("process", "written_bytes_total", "bytes", "Bytes the job's process tree wrote to storage, exited children included.", _P),
+    _g("process", "threads", "count", "Threads in the job's process tree.", _P, "int"),
+    _g("process", "open_files", "count", "Open file descriptors in the job's process tree.", _P, "int"),
+    _g("process", "processes", "count", "Live processes in the job's tree (DataLoader workers included).", _P, "int"),
+]
+
+_G = ("host", "gpu", "gpu_uuid")
+GPU = [
+    _g("gpu", "utilization_percent", "percent", "Time a kernel was running on the GPU over the driver's sample window.", _G),
+    _g("gpu", "memory_utilization_percent", "percent", "Time device memory was being read or written over the driver's sample window.", _G),
+    _g("gpu", "memory_used_bytes", "bytes", "Device memory in use.", _G),
+    _g("gpu", "memory_total_bytes", "bytes", "Device memory installed.", _G),
+    _g("gpu", "power_watts", "watts", "Board power draw.", _G),
+    _c("gpu", "energy_joules_total", "joules", "Energy the board consumed since the driver loaded.", _G),
+    _g("gpu", "temperature_celsius", "celsius", "GPU core temperature.", _G),
+    _g("gpu", "sm_clock_hertz", "hertz", "Streaming-multiprocessor (graphics) clock.", _G),
+    _g("gpu", "memory_clock_hertz", "hertz", "Device memory clock.", _G),
+    _g("gpu", "throttle_reasons", "1", "Bitmask of active clock throttle reasons (NVML clocks event reasons; 0 = none).", _G, "int"),
+    _c("gpu", "pcie_transmit_bytes_total", "bytes", "Bytes the GPU sent over PCIe.", _G),
+    _c("gpu", "pcie_receive_bytes_total", "bytes", "Bytes the GPU received over PCIe.", _G),
+    _c("gpu", "nvlink_transmit_bytes_total", "bytes", "Data bytes the GPU sent over all NVLinks.", _G),
+    _c("gpu", "nvlink_receive_bytes_total", "bytes", "Data bytes the GPU received over all NVLinks.", _G),
+    _c("gpu", "ecc_corrected_errors_total", "count", "Corrected device memory ECC errors (aggregate).", _G),
+    _c("gpu", "ecc_uncorrected_errors_total", "count", "Uncorrected device memory ECC errors (aggregate).", _G),
+]
+
+_GP = ("host", "gpu", "gpu_uuid", "run_id", "rank")
+GPU_PROCESS = [
+    _g("gpu_process", "memory_used_bytes", "bytes", "Device memory used by the job's processes on this GPU, per rank.", _GP),
+    _g("gpu_process", "processes", "count", "The job's processes holding a context on this GPU, per rank.", _GP, "int"),
+]
+
+AGENT = [
+    _g("agent", "uptime_seconds", "seconds", "Time since the agent started."),
+    _c("agent", "points_collected_total", "points", "Points the agent's collectors produced."),
+    _c("agent", "ingest_points_total", "points", "Points received from jobs over the local socket."),
+    _c("agent", "ingest_records_total", "count", "Lineage records received from jobs over the local socket."),
+    _c("agent", "ingest_frames_total", "count", "Frames received from jobs over the local socket."),
+    _c("agent", "ingest_frames_rejected_total", "count", "Frames rejected as malformed, truncated, oversized or not UTF-8."),
+    _g("agent", "ingest_connections", "count", "Jobs connected to the local socket now.", dtype="int"),
+    _g("agent", "points_per_second", "points", "Points per second handed to the pipeline over the last interval."),
+    _c("agent", "collector_errors_total", "count", "Exceptions raised by collectors."),
+    _c("agent", "ticks_skipped_total", "count", "Scheduler ticks skipped because sampling ran late."),
+    _g("agent", "collectors_active", "count", "Collectors sampling now (not disabled or unavailable).", dtype="int"),
+]
+
+BY_COLLECTOR: dict[str, tuple[str, ...]] = {
+    "cpu": ("cpu",),
+    "memory": ("memory",),
+    "disk": ("disk",),
+    "net": ("net",),
+    "filesystem": ("filesystem",),
+    "process": ("process",),
+    "nvml": ("gpu", "gpu_process"),
+    "amdsmi": ("gpu", "gpu_process"),
+    "health": ("agent", "provscope"),
+}
+
+SPECS: list[MetricSpec] = [
+    *CPU, *MEMORY, *DISK, *NET, *FILESYSTEM, *PROCESS, *GPU, *GPU_PROCESS, *AGENT,
+]

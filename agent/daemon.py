@@ -1,0 +1,303 @@
+"""The node agent: collectors, scheduler, local ingest, pipeline and /metrics in one object.
+
+``Agent(config)`` is a context manager. ``start`` takes the node lock (an exclusive
+``flock`` on ``agent.pid`` beside the socket, holding the agent's pid), so a second agent
+on the same node refuses with a message naming the running pid and socket. ``stop`` works
+to one deadline: stop ingest and sampling, join their threads, final flush of the
+pipeline, then each exporter's shutdown with the time left.
+
+Signals are the caller's business (``provscope agent`` installs SIGTERM/SIGINT handlers
+that call ``stop``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from provscope.agent.collectors.amdsmi import AmdSmiCollector
+from provscope.agent.collectors.cpu import CpuCollector
+from provscope.agent.collectors.disk import DiskCollector
+from provscope.agent.collectors.filesystem import FilesystemCollector
+from provscope.agent.collectors.health import HealthCollector
+from provscope.agent.collectors.memory import MemoryCollector
+from provscope.agent.collectors.net import NetCollector
+from provscope.agent.collectors.nvml import NvmlCollector
+from provscope.agent.collectors.process import ProcessCollector, WatchList
+from provscope.agent.ingest import IngestServer, socket_path
+from provscope.agent.pipeline import Pipeline
+from provscope.agent.scheduler import Scheduled, Scheduler
+
+from provscope.errors import ProvscopeError
+
+if TYPE_CHECKING:
+    from provscope.exporters.base import Exporter
+
+    from provscope.config import Config
+
+__all__ = ["Agent", "AgentAlreadyRunning", "pidfile_path", "read_pid"]
+
+log = logging.getLogger("provscope.agent")
+
+
+class AgentAlreadyRunning(ProvscopeError):
+    """Another agent holds this node's lock."""
+
+
+def pidfile_path(sock: Path) -> Path:
+    """The lock/pid file of the agent listening on ``sock``."""
+    return sock.with_name(sock.stem + ".pid")
+
+
+def read_pid(sock: Path) -> int | None:
+    """The pid written in the agent's pid file, or None."""
+    try:
+        return int(pidfile_path(sock).read_text().strip() or "0") or None
+    except (OSError, ValueError):
+        return None
+
+
+class Agent:
+    """One node agent.
+
+    Args:
+        config: the configuration (``agent``, ``prometheus``, stores, ``host``).
+        pipeline: use this pipeline instead of ``Pipeline.from_config`` (tests, embedding);
+            the agent shuts it down at ``stop``.
+        extra_exporters: more exporters for ``Pipeline.from_config``.
+        collectors: replace the built-in collectors (tests); None builds them from config.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        pipeline: Pipeline | None = None,
+        extra_exporters: Iterable[Exporter] = (),
+        collectors: Sequence[Any] | None = None,
+    ) -> None:
+        self.config = config
+        self.host = config.host_name
+        self.socket_path = socket_path(config)
+        self.pid = os.getpid()
+        self.started_at = 0.0
+        self._pipeline = pipeline
+        self._extra = list(extra_exporters)
+        self._custom_collectors = collectors
+        self._lock_fd: int | None = None
+        self.pipeline: Pipeline | None = None
+        self.prometheus: Any = None
+        self.scheduler: Scheduler | None = None
+        self.ingest: IngestServer | None = None
+        self.watch = WatchList()
+        self.process: ProcessCollector | None = None
+        self.filesystem: FilesystemCollector | None = None
+        self.health: HealthCollector | None = None
+        self._stopped = False
+
+    # ---------------------------------------------------------------- lock
+
+    def _take_lock(self) -> None:
+        directory = self.socket_path.parent
+        if not directory.exists():
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chmod(directory, 0o700)
+        path = pidfile_path(self.socket_path)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            pid = read_pid(self.socket_path)
+            raise AgentAlreadyRunning(
+                f"an agent already runs on this node (pid {pid or 'unknown'}, socket "
+                f"{self.socket_path}); stop it with `provscope stop` or set "
+                f"agent.socket_path for a second one"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock_fd = fd
+
+    def _release_lock(self) -> None:
+        if self._lock_fd is not None:
+            with contextlib.suppress(OSError):
+                pidfile_path(self.socket_path).unlink()
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    # ---------------------------------------------------------------- build
+
+    def _build_collectors(self) -> list[Scheduled]:
+        cfg = self.config.agent
+        if self._custom_collectors is not None:
+            out = []
+            for c in self._custom_collectors:
+                section = getattr(cfg.collectors, c.name, None)
+                interval = (section.interval_s if section else None) or cfg.interval_s
+                out.append(Scheduled(c, interval))
+            return out
+        host = self.host
+        self.process = ProcessCollector(host, self.watch)
+        self.filesystem = FilesystemCollector(host, cfg.collectors.filesystem.paths)
+        self.health = HealthCollector(host, self.pipeline, self._agent_stats)
+        built = {
+            "cpu": CpuCollector(host),
+            "memory": MemoryCollector(host),
+            "disk": DiskCollector(host),
+            "net": NetCollector(host),
+            "filesystem": self.filesystem,
+            "process": self.process,
+            "nvml": NvmlCollector(host, pid_map=self.process.pids_of),
+            "amdsmi": AmdSmiCollector(host, pid_map=self.process.pids_of),
+            "health": self.health,
+        }
+        out = []
+        for name, collector in built.items():
+            section = getattr(cfg.collectors, name)
+            if not section.enabled:
+                continue
+            out.append(Scheduled(collector, section.interval_s or cfg.interval_s,
+                                 section.on_startup_error))
+        return out
+
+    def start(self) -> Agent:
+        """Take the node lock, then start the pipeline, /metrics, collectors and ingest.
+
+        Raises:
+            AgentAlreadyRunning: another agent holds the lock.
+            ConfigError: a store URL or setting the exporters cannot use.
+            CollectorUnavailable: a collector with ``on_startup_error: error`` cannot open.
+            OSError: the socket or the /metrics port cannot be bound.
+        """
+        self._take_lock()
+        try:
+            self._start()
+        except BaseException:
+            self.stop(2.0)
+            raise
+        return self
+
+    def _start(self) -> None:
+        self.started_at = time.monotonic()
+        if self._pipeline is not None:
+            self.pipeline = self._pipeline
+        else:
+            extra = list(self._extra)
+            if self.config.prometheus.enabled:
+                from provscope.exporters.prometheus import PrometheusExporter
+
+                self.prometheus = PrometheusExporter.from_config(self.config)
+                extra.insert(0, self.prometheus)
+            self.pipeline = Pipeline.from_config(self.config, extra=extra)
+        self.scheduler = Scheduler(self._build_collectors(), self.pipeline.submit_many)
+        self.ingest = IngestServer(
+            self.socket_path,
+            on_points=self.pipeline.submit_many,
+            on_records=self.pipeline.submit_many,
+            on_hello=self._on_hello,
+            on_watch=self._on_watch,
+            status=self.status,
+        )
+        self.scheduler.start()
+        self.ingest.start()
+        log.info("agent started: pid %d, socket %s, host %s", self.pid, self.socket_path,
+                 self.host)
+
+    # ---------------------------------------------------------------- ingest hooks
+
+    def _on_hello(self, pid: int, run_id: str | None, rank: int | None) -> None:
+        if not run_id:
+            return
+        try:
+            import psutil
+
+            for parent in psutil.Process(pid).parents():
+                w = self.watch.get(parent.pid)
+                if w is not None and w.run_id == run_id and w.rank == rank:
+                    return  # already inside that tree (a forked worker)
+        except Exception:
+            return  # the process is gone or not ours to read
+        self.watch.add(pid, run_id, rank)
+
+    def _on_watch(self, body: dict[str, Any]) -> None:
+        rank = body.get("rank")
+        self.watch.add(body["pid"], body["run_id"], rank if type(rank) is int else None)
+        for path in body.get("paths") or ():
+            if isinstance(path, str) and self.filesystem is not None:
+                self.filesystem.add_path(path)
+
+    # ---------------------------------------------------------------- state
+
+    def _agent_stats(self) -> dict[str, float]:
+        out: dict[str, float] = {"uptime_seconds": time.monotonic() - self.started_at}
+        total = 0.0
+        if self.scheduler is not None:
+            out["points_collected_total"] = float(self.scheduler.points_total)
+            out["collector_errors_total"] = float(self.scheduler.collector_errors)
+            out["ticks_skipped_total"] = float(self.scheduler.ticks_skipped)
+            out["collectors_active"] = self.scheduler.active
+            total += self.scheduler.points_total
+        if self.ingest is not None:
+            ing = self.ingest.stats()
+            out.update(ing)
+            total += ing["ingest_points_total"] + ing["ingest_records_total"]
+        out["points_total"] = total
+        return out
+
+    def status(self) -> dict[str, Any]:
+        """What ``provscope status`` prints: pid, socket, uptime, rates, drops, collectors."""
+        stats = self._agent_stats()
+        pipeline = self.pipeline.stats() if self.pipeline is not None else {}
+        dropped = sum(s.get("points_dropped_total", 0.0) for s in pipeline.values())
+        return {
+            "pid": self.pid,
+            "host": self.host,
+            "socket": str(self.socket_path),
+            "uptime_s": round(stats["uptime_seconds"], 3),
+            "points_per_s": round(self.health.last_rate, 3) if self.health else None,
+            "points_total": stats["points_total"],
+            "dropped": dropped,
+            "ingest": self.ingest.stats() if self.ingest else {},
+            "exporters": pipeline,
+            "collectors": self.scheduler.status() if self.scheduler else {},
+            "watched": [{"pid": w.pid, "run_id": w.run_id, "rank": w.rank}
+                        for w in self.watch.snapshot()],
+            "prometheus": self.prometheus.url if self.prometheus else None,
+        }
+
+    # ---------------------------------------------------------------- stop
+
+    def stop(self, timeout_s: float | None = None) -> None:
+        """Stop within one deadline (default ``pipeline.shutdown_timeout_s``). Idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
+        timeout_s = self.config.pipeline.shutdown_timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + timeout_s
+
+        def left() -> float:
+            return max(0.0, deadline - time.monotonic())
+
+        if self.ingest is not None:
+            self.ingest.stop(min(2.0, left()))
+        if self.scheduler is not None:
+            self.scheduler.stop(min(2.0, left()))
+        if self.pipeline is not None:
+            self.pipeline.flush(left() * 0.8)
+            self.pipeline.shutdown(left())
+        elif self.prometheus is not None:
+            self.prometheus.shutdown(left())
+        self._release_lock()
+        log.info("agent stopped")
+
+    def __enter__(self) -> Agent:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,169 @@
+"""``provscope run [--name N] -- CMD ...``: run a command as a recorded task of a new run.
+
+If no agent listens on this node, one is started inside this process for the
+command's lifetime (its threads; it stops when the command ends). A new run id (UUIDv7)
+gets a run record and a task record of kind ``command`` (command line, working
+directory, start). CMD runs with ``PROVSCOPE_RUN_ID`` and ``PROVSCOPE_PARENT_TASK_ID``
+in its environment, so the job's own records join the run; the agent watches CMD's
+process tree and the working directory's file system. At exit the task gets the exit
+code, duration and a resource summary (CPU seconds, peak RSS, bytes read and written),
+and ``provscope run`` exits with CMD's code (128 + N when a signal N killed it).
+SIGINT and SIGTERM are forwarded to CMD.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import getpass
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+__all__ = ["register"]
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "run", help="run a command as a recorded task (starts an agent if none runs)",
+        description="Run CMD inside a new provscope run: its process tree is sampled, its "
+        "records join the run, and its exit code, duration and resource use are recorded.",
+        usage="provscope run [--name NAME] [options] -- CMD [ARG ...]")
+    p.add_argument("--name", help="run name (default: the command's program name)")
+    p.add_argument("--influx-url", metavar="URL", help="InfluxDB URL for a started agent")
+    p.add_argument("--lineage-url", metavar="URL", help="lineage store URL for a started agent")
+    p.add_argument("--host", metavar="NAME", help="host name (host)")
+    p.add_argument("--socket", metavar="PATH", help="agent socket (agent.socket_path)")
+    p.add_argument("cmd", nargs=argparse.REMAINDER, help="the command, after --")
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from provscope import env
+    from provscope.agent import framing
+    from provscope.agent.collectors.process import ProcessTree
+    from provscope.agent.daemon import Agent
+    from provscope.agent.ingest import AgentClient, request, socket_path
+    from provscope.cli import load_from_args
+    from provscope.ids import new_id
+    from provscope.records import RunRecord, TaskRecord
+
+    cmd = list(args.cmd)
+    if cmd and cmd[0] == "--":
+        cmd = cmd[1:]
+    if not cmd:
+        print("provscope: run needs a command after --, e.g. provscope run -- python train.py",
+              file=sys.stderr)
+        return 2
+    config = load_from_args(args, **{
+        "agent.socket_path": args.socket, "influxdb.url": args.influx_url,
+        "lineage.url": args.lineage_url, "host": args.host})
+    sock = socket_path(config)
+    agent = None
+    client = AgentClient.try_connect(config)
+    if client is None:
+        agent = Agent(config).start()  # lives as long as the command
+        client = AgentClient.try_connect(config)
+        if client is None:  # pragma: no cover - we just bound it
+            agent.stop()
+            print(f"provscope: cannot connect to the agent at {sock}", file=sys.stderr)
+            return 1
+    host = config.host_name
+    run_id = new_id()
+    task_id = new_id()
+    name = args.name or os.path.basename(cmd[0])
+    cwd = os.getcwd()
+    command = shlex.join(cmd)
+    start_ns = time.time_ns()
+    client.submit(RunRecord(run_id, name=name, host=host, start_ns=start_ns, status="running",
+                            command=command, user=_user()))
+    child_env = dict(os.environ)
+    child_env[env.RUN_ID] = run_id
+    child_env[env.PARENT_TASK_ID] = task_id
+    try:
+        proc = subprocess.Popen(cmd, env=child_env)
+    except OSError as exc:
+        client.submit(TaskRecord(task_id, run_id, name=name, task_kind="command", host=host,
+                                 pid=os.getpid(), start_ns=start_ns, end_ns=time.time_ns(),
+                                 status="failed", error=str(exc),
+                                 params={"argv": cmd, "cwd": cwd}))
+        client.submit(RunRecord(run_id, end_ns=time.time_ns(), status="failed"))
+        _finish(client, agent)
+        print(f"provscope: cannot run {cmd[0]!r}: {exc.strerror or exc}", file=sys.stderr)
+        return 127
+    client.submit(TaskRecord(task_id, run_id, name=name, task_kind="command", host=host,
+                             pid=proc.pid, start_ns=start_ns, status="running",
+                             params={"argv": cmd, "cwd": cwd}))
+    # If the agent went away, the command runs on regardless.
+    with contextlib.suppress(OSError):
+        request(sock, framing.WATCH, {"pid": proc.pid, "run_id": run_id, "rank": None,
+                                      "paths": [cwd]})
+
+    def forward(signum, frame) -> None:
+        if proc.poll() is None:
+            proc.send_signal(signum)
+
+    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    tree = ProcessTree(proc.pid)
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.5):
+            with contextlib.suppress(Exception):
+                tree.sample()
+
+    tree.sample()
+    sampler = threading.Thread(target=sample, name="provscope-run-sample", daemon=True)
+    sampler.start()
+    rc, usage = _wait(proc)
+    done.set()
+    sampler.join(2.0)
+    for s, h in old.items():
+        signal.signal(s, h)
+    end_ns = time.time_ns()
+    resources = tree.summary()
+    if usage is not None:
+        resources["cpu_seconds"] = max(resources["cpu_seconds"],
+                                       usage.ru_utime + usage.ru_stime)
+        resources["peak_rss_bytes"] = max(resources["peak_rss_bytes"],
+                                          float(usage.ru_maxrss) * 1024.0)
+    code = rc if rc >= 0 else 128 - rc
+    status = "finished" if rc == 0 else "failed"
+    client.submit(TaskRecord(task_id, run_id, end_ns=end_ns, status=status,
+                             result={"exit_code": code, "duration_s": (end_ns - start_ns) / 1e9},
+                             resources=resources))
+    client.submit(RunRecord(run_id, end_ns=end_ns, status=status))
+    _finish(client, agent)
+    return code
+
+
+def _wait(proc: subprocess.Popen) -> tuple[int, object]:
+    """Wait for the child, returning (returncode, rusage of it and its reaped children)."""
+    while True:
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+            break
+        except InterruptedError:  # pragma: no cover - PEP 475 retries for us
+            continue
+        except ChildProcessError:
+            return proc.wait(), None
+    rc = os.waitstatus_to_exitcode(status)
+    proc.returncode = rc
+    return rc, usage
+
+
+def _finish(client, agent) -> None:
+    client.shutdown(10.0)
+    if agent is not None:
+        agent.stop()
+
+
+def _user() -> str | None:
+    try:
+        return getpass.getuser()
+    except Exception:
+        return None
