@@ -58,14 +58,17 @@ def test_points_survive_an_outage_mid_stream_exact_count(influx_own, tmp_path):
                            batch_size=200, flush_interval_s=0.05, max_retries=1,
                            retry_backoff_s=0.05, max_backoff_s=0.5, timeout_s=2)
     pipeline = Pipeline([exp])
-    total = 6000
     t0 = 1_700_000_000_000_000_000
+    sent = 0
+    done = threading.Event()
 
-    def produce():
-        for i in range(total):
-            pipeline.submit(Point("train", {"host": "n1"}, {"loss": i / 7}, t0 + i))
-            if i % 100 == 99:
-                time.sleep(0.02)
+    def produce():  # a steady stream until after the server is back
+        nonlocal sent
+        while not done.is_set():
+            for _ in range(100):
+                pipeline.submit(Point("train", {"host": "n1"}, {"loss": sent / 7}, t0 + sent))
+                sent += 1
+            time.sleep(0.02)
 
     producer = threading.Thread(target=produce)
     producer.start()
@@ -73,13 +76,15 @@ def test_points_survive_an_outage_mid_stream_exact_count(influx_own, tmp_path):
     influx_own.stop()  # mid-stream
     time.sleep(1.5)
     influx_own.start()
+    time.sleep(0.3)
+    done.set()
     producer.join()
     assert pipeline.flush(30)
     stats = pipeline.stats()["influxdb"]
     pipeline.shutdown(5)
     assert stats["points_spooled_total"] > 0  # the outage really was hit
     assert stats["points_dropped_total"] == 0
-    assert influx_own.count("train", "train", "loss") == total
+    assert influx_own.count("train", "train", "loss") == sent
 
 
 def test_a_new_exporter_replays_the_spool_an_earlier_one_left(influx_own, tmp_path):
