@@ -208,6 +208,7 @@ class Watcher:
         self._watched_pos = [pos.get(id(p)) for _, _, p in self._params]
 
         self._permanent: list[Any] = []
+        self._explicit = False
         self._step_handles: list[Any] = []
         self._state: _StepState | None = None
         self._in_step = False
@@ -251,26 +252,49 @@ class Watcher:
     # ------------------------------------------------------------------ root / optimizer hooks
 
     def _on_root_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self._explicit:
+            return
         try:
             if not self.active or os.getpid() != self._pid:
                 return
-            training = torch.is_grad_enabled() and module.training
-            if training and (not self._fixed_batch or not self._fixed_seq):
-                self._infer_shape(args, kwargs)
-            if self.optimizer is None:
-                if not training:
-                    return
-                if self._in_step:
-                    self._end_step()
-                self._in_step = True
-            if self._state is None:
-                self._sync_step()
-            if training and self._state is None and self.step % self.every == 0:
-                self._begin_sampled()
-            if self._boundary_t is None:
-                self._boundary_t = time.perf_counter()
+            self._begin(torch.is_grad_enabled() and module.training, args, kwargs)
         except Exception as exc:
             self._error("root forward hook", exc)
+
+    def begin_step(self, batch: Any = None) -> None:
+        """Mark the start of a training step, for loops that never call the watched module's
+        ``forward`` (Lightning calls ``training_step``). After the first call the root
+        forward hook no longer marks steps. ``batch`` (a tensor, tuple/list or dict) gives
+        the batch size and sequence length. Never raises; does not block."""
+        self._explicit = True
+        try:
+            if not self.active or os.getpid() != self._pid:
+                return
+            if isinstance(batch, dict):
+                args, kwargs = (), batch
+            elif isinstance(batch, (tuple, list)):
+                args, kwargs = tuple(batch), {}
+            else:
+                args, kwargs = (batch,), {}
+            self._begin(True, args, kwargs)
+        except Exception as exc:
+            self._error("begin_step", exc)
+
+    def _begin(self, training: bool, args: tuple, kwargs: dict) -> None:
+        if training and (not self._fixed_batch or not self._fixed_seq):
+            self._infer_shape(args, kwargs)
+        if self.optimizer is None:
+            if not training:
+                return
+            if self._in_step:
+                self._end_step()
+            self._in_step = True
+        if self._state is None:
+            self._sync_step()
+        if training and self._state is None and self.step % self.every == 0:
+            self._begin_sampled()
+        if self._boundary_t is None:
+            self._boundary_t = time.perf_counter()
 
     def _sync_step(self) -> None:
         # The run's loop helper (run.steps()) knows the user's step number; follow it so
