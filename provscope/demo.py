@@ -124,7 +124,10 @@ def train(settings: Config, *, seconds: float = 30.0, steps: int | None = None,
     wall0 = time.perf_counter()
     h = hyper or Hyper()
     torch.manual_seed(h.seed)
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    # One intra-op thread: on a small shared machine, OpenMP threads that wait for each
+    # other at every op cost 10x when another process holds a core; one thread degrades
+    # gracefully and loses little on a model this small.
+    torch.set_num_threads(1)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     corpus = corpus_path()

@@ -106,8 +106,9 @@ def run_demo(args: argparse.Namespace) -> int:
     written = result.written.get("points", 0)
     rows = [
         ("run", result.run_id),
-        ("tasks", f"{result.counts.get('tasks', 0)} recorded ({result.epochs} epochs, "
-                  f"{result.steps} steps, step tasks sampled)"),
+        ("tasks", f"{result.counts.get('tasks', 0)} recorded ({result.epochs} "
+                  f"epoch{'' if result.epochs == 1 else 's'}, {result.steps} steps, "
+                  "step tasks sampled)"),
         ("points", f"{result.counts.get('points', 0)} written"
                    + (f" ({written} field values stored)" if written else "")),
         ("entities", str(result.counts.get("entities", 0))),
