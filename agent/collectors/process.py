@@ -102,6 +102,9 @@ class ProcessTree:
     gone_written: float = 0.0
     peak_rss: float = 0.0
     alive: bool = True
+    _cpu: float = 0.0
+    _read: float = 0.0
+    _written: float = 0.0
 
     def __post_init__(self) -> None:
         if self.psutil_module is None:
@@ -153,6 +156,8 @@ class ProcessTree:
                 state = self.members[proc.pid] = _PidState(proc)
             try:
                 with state.proc.oneshot():
+                    if state.proc.status() == ps.STATUS_ZOMBIE:
+                        continue  # exited, not yet reaped: its last counters are kept
                     t = state.proc.cpu_times()
                     state.cpu = t.user + t.system
                     rss += state.proc.memory_info().rss
@@ -172,10 +177,15 @@ class ProcessTree:
         self._retire(set(self.members) - seen)
         self.peak_rss = max(self.peak_rss, rss)
         live = self.members.values()
+        # Counters never step back (float sums differ in the last bit when members move
+        # from live to gone).
+        self._cpu = max(self._cpu, self.gone_cpu + sum(s.cpu for s in live))
+        self._read = max(self._read, self.gone_read + sum(s.read for s in live))
+        self._written = max(self._written, self.gone_written + sum(s.written for s in live))
         return {
-            "cpu_seconds_total": self.gone_cpu + sum(s.cpu for s in live),
-            "read_bytes_total": self.gone_read + sum(s.read for s in live),
-            "written_bytes_total": self.gone_written + sum(s.written for s in live),
+            "cpu_seconds_total": self._cpu,
+            "read_bytes_total": self._read,
+            "written_bytes_total": self._written,
             "rss_bytes": rss,
             "threads": int(threads),
             "open_files": int(fds),

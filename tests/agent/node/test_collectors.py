@@ -1,0 +1,281 @@
+"""Collectors: values from fixture sources, the catalogue contract, NVML/amdsmi policies."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+from provscope.agent.collectors.amdsmi import AmdSmiCollector
+from provscope.agent.collectors.base import Collector
+from provscope.agent.collectors.cpu import CpuCollector
+from provscope.agent.collectors.disk import DiskCollector
+from provscope.agent.collectors.filesystem import FilesystemCollector
+from provscope.agent.collectors.health import HealthCollector
+from provscope.agent.collectors.memory import MemoryCollector
+from provscope.agent.collectors.net import NetCollector
+from provscope.agent.collectors.nvml import NvmlCollector
+from provscope.agent.collectors.process import ProcessCollector, Watched, WatchList
+from provscope.agent.pipeline import Pipeline
+from provscope.exporters.memory import MemoryExporter
+
+from provscope.errors import CollectorUnavailable
+
+NOW = 1_700_000_000_000_000_000
+
+
+def _all_collectors(ps, nvml, amd):
+    watch = WatchList()
+    watch.add(4242, "run-1", 0)
+    proc = ProcessCollector("h", watch)
+    pipeline = Pipeline([MemoryExporter()])
+    stats = {"uptime_seconds": 1.0, "points_collected_total": 5.0, "ingest_points_total": 0.0,
+             "ingest_records_total": 0.0, "ingest_frames_total": 0.0,
+             "ingest_frames_rejected_total": 0.0, "ingest_connections": 0,
+             "collector_errors_total": 0.0, "ticks_skipped_total": 0.0, "collectors_active": 9,
+             "points_total": 10.0}
+    return [
+        CpuCollector("h", ps), MemoryCollector("h", ps), DiskCollector("h", ps),
+        NetCollector("h", ps), FilesystemCollector("h", ["/"], ps),
+        NvmlCollector("h", nvml, pid_map=lambda: {4242: Watched(4242, "run-1", 0)}),
+        AmdSmiCollector("h", amd, pid_map=lambda: {4242: Watched(4242, "run-1", 0)}),
+        HealthCollector("h", pipeline, lambda: stats), proc,
+    ], pipeline
+
+
+def test_every_collector_emits_exactly_its_declared_specs(fake_psutil, fake_nvml, fake_amdsmi):
+    nvml = fake_nvml(processes={0: [(4242, 2 << 30)]})
+    collectors, pipeline = _all_collectors(fake_psutil, nvml, fake_amdsmi)
+    try:
+        for c in collectors:
+            assert isinstance(c, Collector)
+            c.open()
+            points = list(c.collect(NOW)) + list(c.collect(NOW + 10**9))
+            declared = {(s.measurement, s.field): s for s in c.specs()}
+            emitted = set()
+            for p in points:
+                for field, value in p.fields.items():
+                    spec = declared.get((p.measurement, field))
+                    assert spec is not None, f"{c.name}: {p.measurement}.{field} not declared"
+                    assert set(p.tags) <= set(spec.tags), f"{c.name}: tags {set(p.tags)}"
+                    assert p.time_ns in (NOW, NOW + 10**9)
+                    if spec.dtype == "int":
+                        assert type(value) is int, f"{p.measurement}.{field} must be int"
+                    else:
+                        assert isinstance(value, float), f"{p.measurement}.{field}: {value!r}"
+                    emitted.add((p.measurement, field))
+            if c.name == "process":
+                continue  # pid 4242 is not a real process here; see the process tests
+            if c.name == "amdsmi":
+                # amdsmi has no throttle, PCIe, NVLink or ECC fields; power is missing here.
+                assert emitted <= set(declared)
+                assert ("gpu", "power_watts") not in emitted
+                continue
+            expected = set(declared)
+            if c.name == "health":  # only an exporter with an on-disk spool reports these
+                expected -= {("provscope", f) for f in
+                             ("points_spooled_total", "points_replayed_total", "spool_bytes")}
+            assert emitted == expected, f"{c.name}: missing {expected - emitted}"
+            c.close()
+    finally:
+        pipeline.shutdown(1)
+
+
+def test_cpu_percentages_come_from_deltas_of_cumulative_times(fake_psutil):
+    cpu = CpuCollector("h", fake_psutil)
+    cpu.open()
+    [p] = cpu.collect(NOW)
+    # deltas: user 60, system 20, idle 100, iowait 20 -> total 200
+    assert p.fields["user_percent"] == pytest.approx(30.0)
+    assert p.fields["idle_percent"] == pytest.approx(50.0)
+    assert p.fields["usage_percent"] == pytest.approx(40.0)
+    assert p.fields["frequency_hertz"] == 2.4e9
+    assert p.fields["load1"] == 1.5
+    assert p.tags == {"host": "h"}
+
+
+def test_disk_skips_partitions_and_loop_devices_and_reports_busy_seconds(fake_psutil):
+    points = DiskCollector("h", fake_psutil).collect(NOW)
+    assert sorted(p.tags["device"] for p in points) == ["nvme0n1", "sda"]
+    sda = next(p for p in points if p.tags["device"] == "sda")
+    assert sda.fields["busy_seconds_total"] == 1.5
+    assert sda.fields["written_bytes_total"] == 8192.0
+
+
+def test_net_leaves_loopback_out_by_default(fake_psutil):
+    points = NetCollector("h", fake_psutil).collect(NOW)
+    assert [p.tags["interface"] for p in points] == ["eth0"]
+    assert points[0].fields["receive_bytes_total"] == 2000.0
+    assert points[0].fields["transmit_drops_total"] == 4.0
+
+
+def test_filesystem_skips_a_missing_path_and_logs_it_once(fake_psutil, caplog):
+    fs = FilesystemCollector("h", ["/", "/missing"], fake_psutil)
+    with caplog.at_level(logging.INFO, logger="provscope.collectors.filesystem"):
+        for _ in range(3):
+            points = fs.collect(NOW)
+    assert [p.tags["path"] for p in points] == ["/"]
+    assert sum("/missing" in r.getMessage() for r in caplog.records) == 1
+    assert fs.add_path("/data") and "/data" in fs.paths
+
+
+def test_real_machine_collectors_sample_in_well_under_a_millisecond_each():
+    for c in (CpuCollector("h"), MemoryCollector("h"), DiskCollector("h"), NetCollector("h"),
+              FilesystemCollector("h", ["/"])):
+        c.open()
+        c.collect(time.time_ns())
+        t0 = time.perf_counter()
+        points = c.collect(time.time_ns())
+        took = time.perf_counter() - t0
+        assert points or c.name in ("disk", "net"), c.name
+        assert took < 0.05, f"{c.name} took {took:.4f}s"
+        c.close()
+
+
+# ------------------------------------------------------------------------------- NVML
+
+
+def test_nvml_missing_library_makes_the_collector_unavailable(fake_nvml):
+    with pytest.raises(CollectorUnavailable, match="NVML cannot start"):
+        NvmlCollector("h", fake_nvml(missing_library=True)).open()
+
+
+def test_nvml_without_nvidia_ml_py_installed_is_unavailable_not_a_crash(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pynvml", None)
+    with pytest.raises(CollectorUnavailable, match="nvidia-ml-py"):
+        NvmlCollector("h").open()
+
+
+def test_nvml_initialises_once_and_leaves_unsupported_fields_out_logged_once(fake_nvml, caplog):
+    nv = fake_nvml()
+    c = NvmlCollector("h", nv)
+    c.open()
+    with caplog.at_level(logging.INFO, logger="provscope.collectors.nvml"):
+        for i in range(5):
+            points = c.collect(NOW + i)
+    assert nv.init_calls == 1
+    gpu0, gpu1 = (p for p in points if p.measurement == "gpu")
+    assert gpu0.tags == {"host": "h", "gpu": "0", "gpu_uuid": "GPU-0000-0"}
+    assert gpu0.fields["ecc_corrected_errors_total"] == 7.0
+    assert gpu0.fields["nvlink_transmit_bytes_total"] == 138_000 * 1024.0
+    assert gpu0.fields["power_watts"] == 300.0
+    assert gpu0.fields["energy_joules_total"] == 5000.0
+    assert gpu0.fields["sm_clock_hertz"] == 1.98e9
+    assert gpu0.fields["throttle_reasons"] == 4
+    assert "ecc_corrected_errors_total" not in gpu1.fields
+    assert "nvlink_receive_bytes_total" not in gpu1.fields
+    assert gpu1.fields["pcie_receive_bytes_total"] == 198_000.0
+    # Unsupported getters are not called again, and each is logged exactly once.
+    assert nv.calls["ecc"] == 5 * 2 + 2  # gpu 0: 2 per sample; gpu 1: its first 2 only
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("gpu 1 does not support ecc_corrected" in m for m in messages) == 1
+    assert sum("nvlink_transmit" in m for m in messages) == 1
+    assert "processes" not in nv.calls  # no job watched: the slow query is not made
+    c.close()
+    assert nv.shutdown_calls == 1
+
+
+def test_nvml_maps_per_process_gpu_memory_to_the_jobs_ranks(fake_nvml):
+    nv = fake_nvml(processes={0: [(100, 1 << 30), (101, 2 << 30), (999, 5 << 30)],
+                              1: [(102, 3 << 30)]})
+    pids = {100: Watched(100, "r", 0), 101: Watched(100, "r", 0), 102: Watched(102, "r", 1)}
+    c = NvmlCollector("h", nv, pid_map=lambda: pids)
+    c.open()
+    procs = [p for p in c.collect(NOW) if p.measurement == "gpu_process"]
+    by_rank = {(p.tags["gpu"], p.tags["rank"]): p.fields for p in procs}
+    assert by_rank == {("0", "0"): {"memory_used_bytes": float(3 << 30), "processes": 2},
+                       ("1", "1"): {"memory_used_bytes": float(3 << 30), "processes": 1}}
+    assert all(p.tags["run_id"] == "r" for p in procs)
+
+
+def test_amdsmi_normalises_units_and_leaves_missing_getters_out(fake_amdsmi):
+    c = AmdSmiCollector("h", fake_amdsmi)
+    c.open()
+    [gpu] = [p for p in c.collect(NOW) if p.measurement == "gpu"]
+    assert gpu.fields["memory_total_bytes"] == 65536 * 1024.0 * 1024.0
+    assert gpu.fields["energy_joules_total"] == pytest.approx(2_000_000 * 15.3 / 1e6)
+    assert gpu.fields["sm_clock_hertz"] == 2.1e9
+    assert "power_watts" not in gpu.fields
+    assert gpu.tags["gpu_uuid"] == "amd-uuid-0"
+
+
+def test_amdsmi_not_importable_is_unavailable(monkeypatch):
+    monkeypatch.setitem(sys.modules, "amdsmi", None)
+    with pytest.raises(CollectorUnavailable, match="amdsmi"):
+        AmdSmiCollector("h").open()
+
+
+# ------------------------------------------------------------------------------- process
+
+_TREE = """
+import multiprocessing as mp, sys, time
+def work(n):
+    x = 0
+    for i in range(n):
+        x += i
+    time.sleep(3)
+if __name__ == "__main__":
+    mp.set_start_method("fork")
+    ps = [mp.Process(target=work, args=(3_000_000,)) for _ in range(2)]
+    [p.start() for p in ps]
+    print("ready", flush=True)
+    data = bytearray(30_000_000)
+    sys.stdin.readline()
+"""
+
+
+def test_process_tree_includes_workers_and_keeps_cpu_of_exited_children():
+    child = subprocess.Popen([sys.executable, "-c", _TREE], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        watch = WatchList()
+        watch.add(child.pid, "run-x", 3)
+        c = ProcessCollector("h", watch)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            [p] = c.collect(time.time_ns())
+            if p.fields["processes"] == 3 and p.fields["cpu_seconds_total"] > 0.1:
+                break
+            time.sleep(0.1)
+        assert p.tags == {"host": "h", "run_id": "run-x", "rank": "3"}
+        assert p.fields["processes"] == 3
+        assert p.fields["rss_bytes"] > 30_000_000
+        assert p.fields["threads"] >= 3 and p.fields["open_files"] >= 3
+        before = p.fields["cpu_seconds_total"]
+        for worker in psutil.Process(child.pid).children():
+            worker.kill()
+        time.sleep(0.3)
+        [after] = c.collect(time.time_ns())
+        assert after.fields["processes"] == 1
+        assert after.fields["cpu_seconds_total"] >= before  # exited workers keep counting
+        assert set(c.pids_of()) == {child.pid}
+    finally:
+        child.kill()
+        child.wait()
+    assert c.collect(time.time_ns()) == []
+    assert len(watch) == 0  # an exited root is forgotten
+
+
+def test_a_registered_rank_is_not_counted_again_in_its_launchers_tree():
+    launcher = subprocess.Popen([sys.executable, "-c",
+                                 "import subprocess,sys,time;"
+                                 "p=subprocess.Popen([sys.executable,'-c','import time;"
+                                 "time.sleep(30)']);print(p.pid,flush=True);time.sleep(30)"],
+                                stdout=subprocess.PIPE, text=True)
+    try:
+        rank_pid = int(launcher.stdout.readline())
+        watch = WatchList()
+        watch.add(launcher.pid, "r", None)
+        watch.add(rank_pid, "r", 0)
+        points = ProcessCollector("h", watch).collect(time.time_ns())
+        by_rank = {p.tags.get("rank"): p.fields["processes"] for p in points}
+        assert by_rank == {None: 1, "0": 1}
+    finally:
+        for p in psutil.Process(launcher.pid).children(recursive=True):
+            p.kill()
+        launcher.kill()
+        launcher.wait()

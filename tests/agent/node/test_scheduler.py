@@ -1,0 +1,125 @@
+"""The scheduler: fixed grid, skipped ticks, failing collectors, startup policies."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import ClassVar
+
+import pytest
+from provscope.agent.scheduler import Scheduled, Scheduler
+
+from provscope.errors import CollectorUnavailable
+from provscope.records import Point
+
+
+class Probe:
+    """A collector that records when it was sampled; can be slow, failing or unopenable."""
+
+    name: ClassVar[str] = "probe"
+
+    def __init__(self, name="probe", *, sleep_s=0.0, fail=False, unavailable=0) -> None:
+        self.name = name
+        self.sleep_s = sleep_s
+        self.fail = fail
+        self.unavailable = unavailable  # open() fails this many times
+        self.opens = 0
+        self.closed = False
+        self.times: list[float] = []
+        self.threads: set[str] = set()
+
+    def open(self):
+        self.opens += 1
+        if self.opens <= self.unavailable:
+            raise CollectorUnavailable(f"{self.name}: not here")
+
+    def collect(self, now_ns):
+        self.times.append(time.monotonic())
+        self.threads.add(threading.current_thread().name)
+        if self.fail:
+            raise RuntimeError("sensor exploded")
+        if self.sleep_s:
+            time.sleep(self.sleep_s)
+        return [Point("cpu", {"host": "h"}, {"usage_percent": 1.0}, now_ns)]
+
+    def close(self):
+        self.closed = True
+
+    def specs(self):
+        return []
+
+
+def _run(entries, seconds, **kw):
+    got: list = []
+    s = Scheduler(entries, got.extend, **kw)
+    s.start()
+    time.sleep(seconds)
+    s.stop()
+    return s, got
+
+
+def test_samples_stay_on_the_grid_without_drift():
+    probe = Probe()
+    _, got = _run([Scheduled(probe, 0.05)], 1.0)
+    t = probe.times
+    assert 17 <= len(t) <= 21
+    # Sample k happens at start + k*interval (plus wake-up jitter that never accumulates).
+    offsets = [(ti - t[0]) - k * 0.05 for k, ti in enumerate(t)]
+    assert max(offsets) < 0.04, offsets
+    assert probe.threads == {"provscope-collect"}
+    assert len(got) == len(t) and probe.closed
+
+
+def test_a_slow_collector_skips_missed_ticks_instead_of_bursting():
+    slow = Probe("slow", sleep_s=0.12)
+    s, _ = _run([Scheduled(slow, 0.05)], 0.65)
+    gaps = [b - a for a, b in zip(slow.times, slow.times[1:], strict=False)]
+    assert all(g >= 0.12 for g in gaps)  # never two samples back to back
+    assert s.ticks_skipped >= 4
+    assert s.status()["slow"]["skipped"] == s.ticks_skipped
+
+
+def test_per_collector_intervals_are_honoured():
+    fast, slow = Probe("fast"), Probe("slow")
+    _run([Scheduled(fast, 0.05), Scheduled(slow, 0.25)], 0.6)
+    assert len(fast.times) >= 3 * len(slow.times) >= 6
+
+
+def test_a_collector_that_keeps_raising_is_disabled_with_one_log_line(caplog):
+    bad, good = Probe("bad", fail=True), Probe("good")
+    with caplog.at_level(logging.ERROR, logger="provscope.scheduler"):
+        s, got = _run([Scheduled(bad, 0.02), Scheduled(good, 0.02)], 0.5, max_failures=3)
+    assert len(bad.times) == 3
+    assert s.status()["bad"]["state"] == "disabled"
+    assert "RuntimeError: sensor exploded" in s.status()["bad"]["reason"]
+    assert len([r for r in caplog.records if "bad" in r.getMessage()]) == 1
+    assert len(good.times) >= 15 and len(got) == len(good.times)
+    assert s.collector_errors == 3
+
+
+def test_startup_error_policies_error_ignore_retry(caplog):
+    with pytest.raises(CollectorUnavailable, match="strict: not here"):
+        Scheduler([Scheduled(Probe("strict", unavailable=1), 0.1, "error")], list).start()
+    ignored = Probe("ignored", unavailable=1)
+    retried = Probe("retried", unavailable=2)
+    with caplog.at_level(logging.WARNING, logger="provscope.scheduler"):
+        s, _ = _run([Scheduled(ignored, 0.02, "ignore"), Scheduled(retried, 0.02, "retry")],
+                    0.6, retry_s=0.1)
+    assert ignored.opens == 1 and not ignored.times
+    assert s.status()["ignored"]["state"] == "unavailable"
+    assert retried.opens == 3 and retried.times  # third open worked, then it sampled
+    assert sum("retried" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_stop_wakes_the_thread_at_once_even_with_long_intervals():
+    s = Scheduler([Scheduled(Probe(), 3600)], list)
+    s.start()
+    t0 = time.monotonic()
+    s.stop()
+    assert time.monotonic() - t0 < 0.5
+
+
+def test_interval_must_be_positive():
+    with pytest.raises(ValueError, match="interval_s must be > 0"):
+        Scheduler([Scheduled(Probe(), 0)], list)
