@@ -231,3 +231,43 @@ def test_a_forked_child_uses_its_own_connection_and_leaves_the_spool_to_the_pare
     assert exp._conn.sock is parent_sock and exp.spool is not None
     assert exp.export(_points(1, 8)) is ExportResult.SUCCESS
     exp.shutdown(1)
+
+
+def test_a_large_batch_is_streamed_in_chunks_and_arrives_in_order(stub, tmp_path):
+    exp = _exporter(stub, tmp_path)
+    assert exp.export(_points(5000)) is ExportResult.SUCCESS
+    sizes = [len(lines) for lines in _write_lines(stub)]
+    assert len(sizes) > 1 and max(sizes) <= 2500
+    assert stub.written() == [f"m,h=n1 v={i} {i}" for i in range(5000)]
+    assert exp.stats()["points_written_total"] == 5000
+    exp.shutdown(1)
+
+
+def test_a_streamed_chunk_that_keeps_failing_takes_the_rest_to_the_spool_in_order(
+        stub, tmp_path):
+    # First chunk written; the second answered 503 in flight and on both retries after.
+    stub.script = [(204, {}, b"")] + [(503, {}, b"down")] * 3
+    exp = _exporter(stub, tmp_path, max_retries=1)
+    assert exp.export(_points(4000)) is ExportResult.SUCCESS
+    stats = exp.stats()
+    assert stats["points_written_total"] == 1000
+    assert stats["points_spooled_total"] == 3000
+    assert exp.flush(5)
+    written = stub.written()
+    expected = [f"m,h=n1 v={i} {i}" for i in range(4000)]
+    # The failed chunk was attempted twice; what the server accepted is every point, in order.
+    accepted = written[:1000] + written[-3000:]
+    assert accepted == expected
+    assert exp.stats()["points_replayed_total"] == 3000
+    exp.shutdown(1)
+
+
+def test_a_rejected_streamed_chunk_is_counted_and_the_others_are_written(stub, tmp_path):
+    stub.script = [(204, {}, b""), (400, {}, b'{"error":"unable to parse"}')]
+    exp = _exporter(stub, tmp_path)
+    assert exp.export(_points(4000)) is ExportResult.SUCCESS
+    stats = exp.stats()
+    assert stats["points_written_total"] == 3000
+    assert stats["points_dropped_total"] == 1000
+    assert stats["batches_failed_total"] == 1
+    exp.shutdown(1)

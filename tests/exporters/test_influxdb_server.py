@@ -45,10 +45,10 @@ def test_v1_write_without_auth_creates_the_database_and_counts_points(influx_ser
     db = f"fresh_{free_port()}"
     exp = InfluxDBExporter(influx_server.url, database=db, spool_dir=tmp_path)
     points = [Point("gpu", {"host": "n1", "gpu": str(i % 2)}, {"utilization_percent": float(i)},
-                    1_700_000_000_000_000_000 + i) for i in range(1000)]
+                    1_700_000_000_000_000_000 + i) for i in range(5000)]
     assert exp.export(points) is ExportResult.SUCCESS
-    assert influx_server.count(db, "gpu", "utilization_percent") == 1000
-    assert exp.stats()["points_written_total"] == 1000
+    assert influx_server.count(db, "gpu", "utilization_percent") == 5000
+    assert exp.stats()["points_written_total"] == 5000
     exp.shutdown(1)
 
 
