@@ -3,6 +3,8 @@ InfluxDB + PostgreSQL servers."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from provscope.agent import client, sink
 
@@ -99,3 +101,36 @@ def test_influxdb_and_postgresql_receive_points_and_lineage(influx_server, influ
     assert dict(zip(rows["kind"], rows["n"], strict=True)) == {
         "data": 1, "epoch": 2, "eval": 2, "step": 3}
     _check_lineage(run, settings)
+
+
+def test_a_listening_agent_is_preferred_over_the_embedded_store(tmp_path):
+    import tempfile
+    import time
+
+    from provscope.agent.ingest import IngestServer
+
+    from provscope.records import Point, TaskRecord
+
+    sock_dir = tempfile.mkdtemp(prefix="psc-", dir="/tmp")  # AF_UNIX paths are short
+    points: list = []
+    lineage: list = []
+    server = IngestServer(os.path.join(sock_dir, "agent.sock"), on_points=points.extend,
+                          on_records=lineage.extend)
+    server.start()
+    try:
+        settings = load_config(environ={}, overrides={
+            "embedded.path": str(tmp_path / "unused.db"),
+            "agent.socket_path": str(server.path),
+        })
+        with provscope.workflow("via-agent", settings=settings) as run, run.task("work"):
+            run.log(step=1, loss=0.5)
+        assert run.flush(10)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and (not points or len(lineage) < 4):
+            time.sleep(0.02)
+    finally:
+        server.stop()
+    assert run.sink_mode == "agent"
+    assert [p.fields["loss"] for p in points if isinstance(p, Point)] == [0.5]
+    assert {r.name for r in lineage if isinstance(r, TaskRecord)} == {"work"}
+    assert not (tmp_path / "unused.db").exists()
