@@ -103,8 +103,9 @@ def select_layers(
     ``MultiheadAttention``, whose projection weights are its own), except pass-through
     modules (``Dropout`` variants, ``Identity``). ``depth`` cuts the tree:
     modules exactly ``depth`` levels down are taken whole, shallower leaves too.
-    ``layers`` keeps only names matching one of the patterns (glob, or ``re:<regex>``
-    matched against the whole dotted name); with patterns, non-leaf modules may match.
+    ``layers`` keeps only the candidates (leaves and parameter owners, or the depth cut)
+    whose names match one of the patterns (glob, or ``re:<regex>`` matched against the whole
+    dotted name); a pattern also selects pass-through modules.
     TorchScript modules are skipped (hooks do not run inside them).
 
     Raises:
@@ -123,12 +124,11 @@ def select_layers(
             continue
         is_leaf = next(module.children(), None) is None
         owns = next(module.parameters(recurse=False), None) is not None
+        ok = (level == depth or is_leaf) if depth is not None else (is_leaf or owns)
         if match is not None:
-            ok = match(name)
-        elif depth is not None:
-            ok = level == depth or is_leaf
-        else:
-            ok = (is_leaf or owns) and not isinstance(module, _PASS_THROUGH)
+            ok = ok and match(name)
+        elif depth is None:
+            ok = ok and not isinstance(module, _PASS_THROUGH)
         if ok:
             chosen.append((name, module))
     if not chosen and next(model.parameters(), None) is not None and match is None:
@@ -143,7 +143,7 @@ def select_layers(
     out = []
     for name, module in chosen:
         params = []
-        for pname, param in module.named_parameters(recurse=depth is not None or match is not None):
+        for pname, param in module.named_parameters(recurse=depth is not None):
             if id(param) in seen:
                 continue
             seen.add(id(param))

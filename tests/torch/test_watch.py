@@ -193,6 +193,7 @@ def test_layer_selection_by_pattern_and_depth():
     assert watch(model, emit=lambda r: None, layers="0.*").layers == ["0.0", "0.1"]
     assert watch(model, emit=lambda r: None, layers=["re:[12]"]).layers == ["1", "2"]
     assert watch(model, emit=lambda r: None, depth=1).layers == ["0", "1", "2"]
+    assert watch(model, emit=lambda r: None, depth=1, layers="0").layers == ["0"]
     # Default: leaves, without pass-through modules such as Dropout.
     assert watch(model, emit=lambda r: None).layers == ["0.0", "0.1", "1"]
 
