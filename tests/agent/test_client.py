@@ -296,3 +296,34 @@ def test_bad_settings_fall_back_to_defaults_with_one_log_line(memory, caplog):
         pass
     assert run.config.client.no_agent == "embedded"
     assert any("client.no_agent" in r.getMessage() for r in caplog.records)
+
+
+def test_tensor_huge_list_and_open_file_arguments_are_summarised_not_stored(memory, tmp_path):
+    torch = pytest.importorskip("torch")
+
+    @provscope.task
+    def consume(batch, ids, handle, note):
+        return torch.ones(2, 2)
+
+    with open(tmp_path / "log.txt", "w") as fh, provscope.workflow("summaries"):
+        consume(torch.zeros(8, 128), list(range(100_000)), fh, "n" * 10_000)
+    task = next(t for t in merged_tasks(memory).values() if t["name"].endswith("consume"))
+    params = task["params"]
+    assert params["batch"]["shape"] == [8, 128] and params["batch"]["dtype"] == "torch.float32"
+    assert params["ids"] == {"type": "list", "len": 100_000, "first": [0, 1, 2]}
+    assert params["handle"]["name"].endswith("log.txt")
+    assert params["note"]["len"] == 10_000
+    assert task["result"]["return"]["shape"] == [2, 2]
+
+
+def test_hash_cap_from_the_settings_applies_to_use(memory, tmp_path):
+    small, big = tmp_path / "small.bin", tmp_path / "big.bin"
+    small.write_bytes(b"s" * 100)
+    big.write_bytes(b"b" * 5000)
+    with provscope.workflow("cap", settings={"client.hash_max_bytes": 1000}) as run:
+        small_id = run.use(small)
+        big_id = run.use(big)
+    ents = {e.entity_id: e for e in records(memory, EntityRecord)}
+    assert ents[small_id].digest.startswith("sha256:")
+    assert ents[big_id].digest is None and ents[big_id].size_bytes == 5000
+    assert "hash_max_bytes=1000" in ents[big_id].attributes["digest_skipped"]
