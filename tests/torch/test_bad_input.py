@@ -160,10 +160,15 @@ def test_a_failing_statistic_is_counted_and_logged_once(monkeypatch, caplog):
 
 
 def test_compiled_model_trains_and_records_parameter_statistics_with_a_reason():
+    from torch._dynamo.utils import counters
+
     torch._dynamo.reset()
+    counters.clear()
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
     compiled = torch.compile(model, backend="eager")
     w, records = _run_steps(compiled, torch.randn(5, 4), steps=3)
+    # Sampled steps add no hooks inside the graph: compiled once, never recompiled.
+    assert counters["stats"]["unique_graphs"] == 1
     layers = _layers(records)
     assert layers["0"]["grad_norm"] > 0 and "update_ratio" in layers["0"]
     assert "activation_mean" not in layers["0"]
