@@ -312,12 +312,22 @@ def _upsert(dialect: str, table: sa.Table, keys: Sequence[str]) -> sa.Insert:
     return stmt.on_conflict_do_update(index_elements=list(keys), set_=sets)
 
 
+_SECONDS_TEXT: dict[int, str] = {}
+
+
 def _sqlite_ts(ns: int | None) -> str | None:
     # SQLAlchemy's SQLite DATETIME text format ("YYYY-MM-DD HH:MM:SS.ffffff"), in UTC.
+    # Rows of a batch share their second: format it once (a measurable part of a batch).
     if ns is None:
         return None
-    return dt.datetime.fromtimestamp(ns / 1e9, tz=_UTC).replace(tzinfo=None).isoformat(
-        " ", "microseconds")
+    sec, frac = divmod(ns, 1_000_000_000)
+    text = _SECONDS_TEXT.get(sec)
+    if text is None:
+        if len(_SECONDS_TEXT) > 4096:
+            _SECONDS_TEXT.clear()
+        text = dt.datetime.fromtimestamp(sec, tz=_UTC).strftime("%Y-%m-%d %H:%M:%S")
+        _SECONDS_TEXT[sec] = text
+    return f"{text}.{frac // 1000:06d}"
 
 
 class _CompiledUpsert:
