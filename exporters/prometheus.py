@@ -7,9 +7,11 @@ prometheus_client's HTTP server on ``prometheus.address:port`` (default
 
 Naming follows the catalogue: ``provscope_<measurement>_<field>``, HELP from the spec,
 counters as counters (their names already end in ``_total``), gauges as gauges, base
-units. Only the tags a spec declares become labels (bounded cardinality); a point field
-the catalogue does not know, or a string field, is left out and counted. A series not
-updated for ``expire_s`` disappears from ``/metrics``.
+units. A gauge whose name ends in a suffix Prometheus reserves for histograms and
+summaries (``_count``, ``_sum``, ``_bucket``) gets ``_value`` appended, so scrapers and
+``promtool`` read it as the gauge it is. Only the tags a spec declares become labels
+(bounded cardinality); a point field the catalogue does not know, or a string field, is
+left out and counted. A series not updated for ``expire_s`` disappears from ``/metrics``.
 """
 
 from __future__ import annotations
@@ -29,18 +31,28 @@ from provscope.catalogue import MetricSpec, lookup
 if TYPE_CHECKING:
     from provscope.config import Config
 
-__all__ = ["PrometheusExporter"]
+__all__ = ["PrometheusExporter", "metric_name"]
 
 log = logging.getLogger("provscope.exporters.prometheus")
 
 NAMESPACE = "provscope"
+_RESERVED_SUFFIXES = ("_count", "_sum", "_bucket")
+
+
+def metric_name(spec: MetricSpec) -> str:
+    """The Prometheus name of a catalogued field: ``provscope_<measurement>_<field>``."""
+    name = f"{NAMESPACE}_{spec.measurement}_{spec.field}"
+    if spec.kind == "gauge" and name.endswith(_RESERVED_SUFFIXES):
+        name += "_value"
+    return name
 
 
 class _Series:
-    __slots__ = ("spec", "values")
+    __slots__ = ("name", "spec", "values")
 
     def __init__(self, spec: MetricSpec) -> None:
         self.spec = spec
+        self.name = metric_name(spec)
         # label values (in spec.tags order) -> (value, monotonic time of the update)
         self.values: dict[tuple[str, ...], tuple[float, float]] = {}
 
@@ -145,7 +157,7 @@ class PrometheusExporter:
                 if not s.values:
                     del self._series[name]
                     continue
-                full = f"{NAMESPACE}_{name}"
+                full = s.name
                 labels = list(s.spec.tags)
                 if s.spec.kind == "counter":
                     fam: Metric = CounterMetricFamily(full, s.spec.help, labels=labels)
