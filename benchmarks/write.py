@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import gzip
 import http.client
-import random
 import sys
 import tempfile
 import threading
@@ -27,7 +26,7 @@ import time
 import urllib.parse
 
 import _common
-from encode import make_points
+from encode import make_narrow_points, make_points
 from provscope.agent.pipeline import Pipeline
 from provscope.exporters.influxdb import InfluxDBExporter
 from provscope.exporters.lineprotocol import encode_batch
@@ -36,34 +35,6 @@ from provscope.records import Point
 from provscope.testing.servers import InfluxServer
 
 BATCH = 5000
-
-
-def make_small_points(n: int, seed: int = 1) -> list[Point]:
-    """``n`` narrow points (2-4 fields, 1-4 tags), like the line protocol reference example
-    ``gpu,node=n1,gpu=0 util=93.5,mem_used=1.2e10``: one field set per series type."""
-    rnd = random.Random(seed)
-    t0 = 1_795_544_890_000_000_000
-    out = []
-    for i in range(n):
-        host = f"node-{i % 8:03d}"
-        kind = i % 4
-        if kind == 0:
-            out.append(Point("gpu", {"host": host, "gpu": str(i % 8)},
-                             {"utilization_percent": float(rnd.randrange(101)),
-                              "memory_used_bytes": float(rnd.randrange(1 << 36)),
-                              "power_watts": rnd.randrange(50_000, 700_000) / 1000}, t0 + i))
-        elif kind == 1:
-            out.append(Point("cpu", {"host": host}, {"usage_percent": rnd.randrange(1001) / 10,
-                                                     "load1": rnd.randrange(800) / 100}, t0 + i))
-        elif kind == 2:
-            out.append(Point("train", {"host": host, "run_id": "r1", "rank": str(i % 8)},
-                             {"loss": rnd.random() * 3, "step": i}, t0 + i))
-        else:
-            out.append(Point("layer", {"host": host, "run_id": "r1", "rank": "0",
-                                       "layer": f"model.layers.{i % 32}.mlp"},
-                             {"grad_norm": rnd.random(), "weight_norm": rnd.random() * 10,
-                              "step": i}, t0 + i))
-    return out
 
 
 def _count(server: InfluxServer, db: str) -> int:
@@ -135,7 +106,7 @@ def _outage(server: InfluxServer, outage_s: float, rate: int, spool: str) -> dic
         nonlocal sent
         chunk = max(1, rate // 20)
         while not stop.is_set():
-            pts = make_small_points(chunk, seed=sent)
+            pts = make_narrow_points(chunk, seed=sent)
             pts = [type(p)(p.measurement, p.tags, p.fields, t0 + sent + j)
                    for j, p in enumerate(pts)]
             pipeline.submit_many(pts)
@@ -167,7 +138,7 @@ def main() -> int:
     n = 100_000 if args.quick else 500_000
     rounds = 1 if args.quick else 2
     outage_s = args.outage_s if args.outage_s is not None else (5.0 if args.quick else 30.0)
-    points = make_small_points(n)
+    points = make_narrow_points(n)
     wide = make_points(20_000 if args.quick else 100_000)
     server = InfluxServer().start()
     try:
