@@ -19,9 +19,10 @@ def _env(tmp_path) -> dict[str, str]:
     return env
 
 
-def _demo(tmp_path, *args: str, code: str | None = None) -> subprocess.CompletedProcess:
+def _demo(tmp_path, *args: str, code: str | None = None,
+          env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     argv = [sys.executable, "-c", code] if code else [sys.executable, "-m", "provscope.cli"]
-    return subprocess.run([*argv, "demo", *args], cwd=tmp_path, env=_env(tmp_path),
+    return subprocess.run([*argv, "demo", *args], cwd=tmp_path, env=_env(tmp_path) | (env or {}),
                           capture_output=True, text=True, timeout=120)
 
 
@@ -67,3 +68,24 @@ def test_demo_rejects_a_lineage_url_it_cannot_use_in_one_line(tmp_path):
     assert proc.returncode == 2
     [line] = proc.stderr.strip().splitlines()
     assert "--lineage-url 'mysql://db/x' is not allowed" in line and "postgresql://" in line
+
+
+@pytest.mark.torch
+@pytest.mark.slow
+@pytest.mark.integration
+def test_demo_writes_to_influxdb_and_postgresql_when_given_their_urls(
+        tmp_path, influx_server, influx_db, postgres_url):
+    pytest.importorskip("torch")
+    proc = _demo(tmp_path, "--steps", "30", "--no-progress", "--influx-url", influx_server.url,
+                 "--lineage-url", postgres_url,
+                 env={"PROVSCOPE_INFLUXDB_DATABASE": influx_db,
+                      "PROVSCOPE_INFLUXDB_SPOOL_DIR": str(tmp_path / "spool")})
+    assert proc.returncode == 0, proc.stderr
+    assert f"InfluxDB {influx_server.url} (database {influx_db})" in proc.stdout
+    assert postgres_url in proc.stdout
+    run_id = re.search(r"^\s+run\s+(\S+)$", proc.stdout, re.M).group(1)
+    assert not (tmp_path / "provscope.db").exists()
+    assert influx_server.count(influx_db, "train", "loss") == 30
+    settings = load_config(environ={}, overrides={"lineage.url": postgres_url})
+    tasks = query.tasks(run_id, config=settings)
+    assert {"epoch", "eval", "checkpoint"} <= set(tasks["kind"])
