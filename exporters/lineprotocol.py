@@ -17,7 +17,8 @@ Rules:
   double-quoted.
 - **tags** are sorted by key; a tag whose key or value is empty (or ``None``) is skipped;
   a tag value ending in a backslash gets one trailing space (so the backslash does not
-  escape the separator; InfluxDB reads the space back as part of the value).
+  escape the separator); InfluxDB reads ``\\ `` as an escaped space, so ``a\\`` comes
+  back as ``a `` (a limit of the format).
 - **fields** are sorted by key; ``None``, NaN and ±inf values are skipped; a point left
   with no field produces no line at all (``encode_point`` returns ``""``).
 - **floats** use Python's shortest round-trip ``repr`` with a trailing ``.0`` removed

@@ -41,6 +41,16 @@ def test_adversarial_strings_are_read_back_exactly(influx_server, influx_db, tmp
     assert row == {**fields, "count": 42.0}  # ints are written as floats by default
 
 
+def test_newline_and_trailing_backslash_in_tags_read_back_as_documented(
+        influx_server, influx_db, tmp_path):
+    exp = InfluxDBExporter(influx_server.url, database=influx_db, spool_dir=tmp_path)
+    exp.export([Point("m", {"t": "new\nline"}, {"v": 1.0}, 1),
+                Point("m", {"t": "ends with\\"}, {"v": 2.0}, 2)])
+    exp.shutdown(1)
+    tags = sorted(s["tags"]["t"] for s in _select_all(influx_server, influx_db))
+    assert tags == ["ends with ", "new\\nline"]
+
+
 def test_v1_write_without_auth_creates_the_database_and_counts_points(influx_server, tmp_path):
     db = f"fresh_{free_port()}"
     exp = InfluxDBExporter(influx_server.url, database=db, spool_dir=tmp_path)
