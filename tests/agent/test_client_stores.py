@@ -134,3 +134,55 @@ def test_a_listening_agent_is_preferred_over_the_embedded_store(tmp_path):
     assert [p.fields["loss"] for p in points if isinstance(p, Point)] == [0.5]
     assert {r.name for r in lineage if isinstance(r, TaskRecord)} == {"work"}
     assert not (tmp_path / "unused.db").exists()
+
+
+def test_implicit_run_of_a_plain_script_is_closed_and_flushed_at_exit(tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "prep.py"
+    script.write_text(
+        "import provscope\n"
+        "@provscope.task(kind='data')\n"
+        "def tokenize(n):\n"
+        "    return n * 2\n"
+        "tokenize(21)\n"
+        "provscope.log(step=0, loss=1.5)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PROVSCOPE_")}
+    env |= {"PROVSCOPE_EMBEDDED_PATH": str(tmp_path / "p.db"),
+            "PROVSCOPE_AGENT_SOCKET_PATH": str(tmp_path / "none.sock")}
+    subprocess.run([sys.executable, str(script)], env=env, check=True, timeout=60)
+    settings = load_config(environ={}, overrides={"embedded.path": str(tmp_path / "p.db")})
+    runs = query.runs(config=settings)
+    assert runs["name"].tolist() == ["prep"] and runs["status"].tolist() == ["finished"]
+    run_id = runs["run_id"][0]
+    tasks = query.tasks(run_id, config=settings)
+    assert tasks["name"].tolist() == ["tokenize"] and tasks["result"][0] == {"return": 42}
+    assert query.series("train", "loss", run_id=run_id, config=settings)["value"].tolist() == [1.5]
+
+
+def test_implicit_run_of_a_crashing_script_is_recorded_failed(tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "crash.py"
+    script.write_text(
+        "import provscope\n"
+        "@provscope.task\n"
+        "def step():\n"
+        "    raise ValueError('nan loss')\n"
+        "step()\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PROVSCOPE_")}
+    env |= {"PROVSCOPE_EMBEDDED_PATH": str(tmp_path / "p.db"),
+            "PROVSCOPE_AGENT_SOCKET_PATH": str(tmp_path / "none.sock")}
+    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 1 and proc.stderr.rstrip().endswith("ValueError: nan loss")
+    settings = load_config(environ={}, overrides={"embedded.path": str(tmp_path / "p.db")})
+    runs = query.runs(config=settings)
+    assert runs["status"].tolist() == ["failed"]
+    tasks = query.tasks(runs["run_id"][0], config=settings)
+    assert tasks["status"].tolist() == ["failed"]
+    assert tasks["error"][0] == "ValueError: nan loss"
