@@ -433,7 +433,12 @@ class InfluxDBExporter:
                               "influxdb.token; points are kept in the spool", failure, self.url)
                     self._open_circuit(None)
                     return _FAILED
-                if not retries or attempt >= self._max_retries or self._past_deadline():
+                # A long Retry-After is better waited out with the batch on disk than with
+                # the pipeline's worker asleep while its memory queue fills.
+                long_wait = failure.retry_after is not None and \
+                    min(failure.retry_after, self._max_backoff) > _PROBE_CAP_S
+                if not retries or long_wait or attempt >= self._max_retries \
+                        or self._past_deadline():
                     self._log("down", logging.WARNING,
                               "influxdb: %s (%s); spooling until it answers", self.url, failure)
                     self._open_circuit(failure.retry_after)

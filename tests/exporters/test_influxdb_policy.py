@@ -271,3 +271,17 @@ def test_a_rejected_streamed_chunk_is_counted_and_the_others_are_written(stub, t
     assert stats["points_dropped_total"] == 1000
     assert stats["batches_failed_total"] == 1
     exp.shutdown(1)
+
+
+def test_a_long_retry_after_spools_at_once_and_waits_before_asking_again(stub, tmp_path):
+    stub.script = [(503, {"Retry-After": "20"}, b"maintenance")]
+    exp = _exporter(stub, tmp_path, max_backoff_s=60)
+    start = time.monotonic()
+    assert exp.export(_points(2)) is ExportResult.SUCCESS
+    assert exp.export(_points(2, 2)) is ExportResult.SUCCESS
+    assert time.monotonic() - start < 2  # the worker did not sleep through it
+    assert exp.stats()["points_spooled_total"] == 4
+    assert len(_write_lines(stub)) == 1  # not asked again before the 20 s
+    assert exp.flush(5)  # an explicit flush does try (the server answers 204 now)
+    assert stub.written()[-4:] == [f"m,h=n1 v={i} {i}" for i in range(4)]
+    exp.shutdown(1)
