@@ -109,7 +109,8 @@ def run_demo(args: argparse.Namespace) -> int:
         ("tasks", f"{result.counts.get('tasks', 0)} recorded ({result.epochs} "
                   f"epoch{'' if result.epochs == 1 else 's'}, {result.steps} steps, "
                   "step tasks sampled)"),
-        ("points", f"{result.counts.get('points', 0)} written"
+        ("points", f"{result.counts.get('points', 0)} "
+                   f"{'written' if result.flushed else 'recorded, not all written yet'}"
                    + (f" ({written} field values stored)" if written else "")),
         ("entities", str(result.counts.get("entities", 0))),
         ("final loss", f"{result.final_loss:.4f}{eval_text}"),
