@@ -19,6 +19,15 @@ _last_ms = 0
 _counter = 0
 
 
+def _reset_after_fork() -> None:
+    # A fork while another thread held the lock would leave it held forever in the child.
+    global _lock
+    _lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)
+
+
 def new_id() -> str:
     """Return a new UUIDv7 as a 36-character lowercase string. Never blocks."""
     global _last_ms, _counter

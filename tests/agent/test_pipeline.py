@@ -8,6 +8,7 @@ import time
 from provscope.agent.pipeline import BatchProcessor, Pipeline
 from provscope.exporters.base import ExportResult
 from provscope.exporters.memory import MemoryExporter
+
 from provscope.records import Point, TaskRecord
 
 

@@ -34,7 +34,7 @@ def test_yaml_then_environment_then_overrides_take_precedence(tmp_path):
 
 def test_config_is_frozen():
     config = load_config(environ={})
-    with pytest.raises(Exception, match="frozen"):
+    with pytest.raises(Exception, match=r"frozen"):
         config.influxdb.batch_size = 3  # type: ignore[misc]
 
 
@@ -42,7 +42,8 @@ def test_config_is_frozen():
     ("text", "expected"),
     [
         ("influxdb:\n  urll: x\n", "unknown key 'influxdb.urll'; allowed keys here: url, api"),
-        ("influxdb:\n  api: v9\n", "influxdb.api = 'v9' is not allowed; allowed: 'v1', 'v2' or 'v3'"),
+        ("influxdb:\n  api: v9\n",
+         "influxdb.api = 'v9' is not allowed; allowed: 'v1', 'v2' or 'v3'"),
         ("influxdb:\n  batch_size: 0\n", "influxdb.batch_size = 0 is not allowed"),
         ("agent:\n  collectors:\n    nvml:\n      on_startup_error: maybe\n",
          "agent.collectors.nvml.on_startup_error = 'maybe'"),

@@ -50,7 +50,8 @@ def test_ids_are_uuid7_time_ordered_and_unique_across_threads():
     [
         Point("gpu", {"host": "n1", "gpu": "0"}, {"util_percent": 93.5, "ok": True}, 123),
         RunRecord("r1", name="x", config={"lr": 0.1}, start_ns=5),
-        TaskRecord("t1", "r1", name="step", task_kind="step", rank=1, resources={"cpu_seconds": 1.5}),
+        TaskRecord("t1", "r1", name="step", task_kind="step", rank=1,
+                   resources={"cpu_seconds": 1.5}),
         EntityRecord("e1", "dataset", uri="file:///d", digest="sha256:ab", size_bytes=10),
         RelationRecord("used", "t1", "e1", run_id="r1", role="input"),
     ],
