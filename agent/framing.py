@@ -9,7 +9,8 @@ type   name          body
 =====  ============  ==========================================================
 1      HELLO         ``{"v": 1, "pid": int, "run_id": str|null, "rank": int|null,
                      "watch": bool}`` (false: a forked child, already in a watched tree)
-2      POINTS        ``{"k": [[measurement, tags], ...], "p": [[k, fields, time_ns], ...]}``
+2      POINTS        ``{"k": [[measurement, tags, [field, ...]], ...],
+                     "p": [[k, time_ns, value, ...], ...]}``
 3      RECORDS       ``[record.to_dict(), ...]`` (lineage records, or points)
 4      STATUS        empty; the agent answers with one STATUS_REPLY frame
 5      STATUS_REPLY  ``{...}`` the agent's status
@@ -17,12 +18,15 @@ type   name          body
 7      ACK           ``{}`` the agent's answer to WATCH
 =====  ============  ==========================================================
 
-POINTS frames carry each distinct (measurement, tags) pair once in a key table and the
-points as rows referring to it, so a batch of one series costs little more than its
-numbers. A frame longer than ``MAX_FRAME_BYTES`` cannot be skipped safely (the sender is
-broken or hostile), so the decoder raises ``FrameTooLarge`` and the connection closes;
-every other bad frame (unknown type, not UTF-8, not JSON, wrong shape) raises
-``BadFrame`` and the stream goes on with the next frame.
+POINTS frames carry each distinct (measurement, tags, field names) once in a key table
+and the points as flat rows of numbers referring to it, so a batch of one series costs
+little more than its numbers, and decoding parses lists of numbers rather than objects
+(about 1.6 times faster with the standard library's decoder).
+
+A frame longer than ``MAX_FRAME_BYTES`` cannot be skipped safely (the sender is broken or
+hostile), so the decoder raises ``FrameTooLarge`` and the connection closes; every other
+bad frame (unknown type, not UTF-8, not JSON, wrong shape) raises ``BadFrame`` and the
+stream goes on with the next frame.
 """
 
 from __future__ import annotations
@@ -85,19 +89,22 @@ def encode_json(ftype: int, obj: Any) -> bytes:
 
 
 def encode_points(points: Sequence[Point]) -> bytes:
-    """One POINTS frame for ``points`` (any mix of series)."""
+    """One POINTS frame for ``points`` (any mix of series and field sets)."""
     keys: list[list[Any]] = []
-    index: dict[tuple[str, int], int] = {}
+    index: dict[tuple[str, int, tuple[str, ...]], int] = {}
     rows: list[list[Any]] = []
+    append = rows.append
     for p in points:
+        fields = p.fields
+        names = tuple(fields)
         # id(tags): producers reuse one tags mapping per series; equal copies only cost a
         # duplicate key-table entry, never a wrong tag.
-        key = (p.measurement, id(p.tags))
+        key = (p.measurement, id(p.tags), names)
         k = index.get(key)
         if k is None:
             k = index[key] = len(keys)
-            keys.append([p.measurement, dict(p.tags)])
-        rows.append([k, p.fields if type(p.fields) is dict else dict(p.fields), p.time_ns])
+            keys.append([p.measurement, dict(p.tags), names])
+        append([k, p.time_ns, *fields.values()])
     return encode_json(POINTS, {"k": keys, "p": rows})
 
 
@@ -118,7 +125,8 @@ def decode_json(body: bytes) -> Any:
         raise BadFrame("body nests too deeply") from None
 
 
-_FIELD_TYPES = (float, int, bool, str)
+# JSON can also produce these; none is a field value.
+_BAD_VALUE_TYPES = frozenset({list, dict, type(None)})
 
 
 def decode_points(body: bytes) -> list[Point]:
@@ -128,30 +136,37 @@ def decode_points(body: bytes) -> list[Point]:
         raise BadFrame('points body must be {"k": [...], "p": [...]}')
     series = []
     for entry in obj["k"]:
-        if (type(entry) is not list or len(entry) != 2 or type(entry[0]) is not str
-                or not entry[0] or type(entry[1]) is not dict):
-            raise BadFrame("points key entry must be [measurement, {tag: value}]")
+        if (type(entry) is not list or len(entry) != 3 or type(entry[0]) is not str
+                or not entry[0] or type(entry[1]) is not dict or type(entry[2]) is not list
+                or not entry[2]):
+            raise BadFrame("points key entry must be [measurement, {tag: value}, [field, ...]]")
         tags = entry[1]
         for k, v in tags.items():
             if type(v) is not str or not k:
                 raise BadFrame(f"tag {k!r} must be a non-empty key with a string value")
-        series.append((entry[0], tags))
+        names = tuple(entry[2])
+        for name in names:
+            if type(name) is not str or not name:
+                raise BadFrame("field names must be non-empty strings")
+        if len(set(names)) != len(names):
+            raise BadFrame("field names of one key entry must be distinct")
+        series.append((entry[0], tags, names, len(names) + 2))
     n = len(series)
     out = []
     append = out.append
+    bad = _BAD_VALUE_TYPES
     for row in obj["p"]:
-        try:
-            k, fields, t = row
-        except (TypeError, ValueError):
-            raise BadFrame("point row must be [key, {field: value}, time_ns]") from None
-        if type(k) is not int or not 0 <= k < n or type(fields) is not dict or not fields \
-                or type(t) is not int:
-            raise BadFrame("point row must be [key index, non-empty fields, int time_ns]")
-        for v in fields.values():
-            if not isinstance(v, _FIELD_TYPES):
+        if type(row) is not list or len(row) < 3 or type(row[0]) is not int \
+                or not 0 <= row[0] < n or type(row[1]) is not int:
+            raise BadFrame("point row must be [key index, int time_ns, value, ...]")
+        meas, tags, names, width = series[row[0]]
+        if len(row) != width:
+            raise BadFrame(f"point row has {len(row) - 2} values for {width - 2} fields")
+        values = row[2:]
+        for v in values:
+            if type(v) in bad:
                 raise BadFrame(f"field value {v!r} must be a number, bool or string")
-        meas, tags = series[k]
-        append(Point(meas, tags, fields, t))
+        append(Point(meas, tags, dict(zip(names, values, strict=False)), row[1]))
     return out
 
 
