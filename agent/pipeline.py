@@ -209,7 +209,9 @@ class BatchProcessor:
         if self._stopping:
             return
         deadline = time.monotonic() + timeout_s
-        self._deadline = deadline
+        # The worker gives up a little before the join does, so the records it could not
+        # deliver are counted as dropped before this method returns.
+        self._deadline = deadline - min(0.1, timeout_s * 0.2)
         self._stopping = True
         self._wake.set()
         self._thread.join(max(0.0, deadline - time.monotonic()))

@@ -85,7 +85,7 @@ def test_catalogue_names_follow_the_conventions():
         assert re.fullmatch(r"[a-z][a-z0-9_]*", spec.field), spec
         if spec.kind == "counter":
             assert spec.field.endswith("_total"), spec
-        assert spec.help and spec.help[0].isupper(), spec
+        assert spec.help and spec.help.endswith("."), spec
         assert "step" not in spec.tags and "epoch" not in spec.tags, spec
     assert lookup("provscope", "points_dropped_total").kind == "counter"
     assert lookup("nope", "nothing") is None
