@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 
@@ -246,3 +247,25 @@ def test_emit_failures_are_counted_and_never_reach_the_training_step():
     _train(model, opt, 3)
     w.unwatch()
     assert w.stats()["emit_errors"] > 0
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_trains_without_running_the_parents_hooks():
+    model = MLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    records = []
+    w = watch(model, every=1, optimizer=opt, emit=records.append)
+    pid = os.fork()
+    if pid == 0:  # child: train; any exception or recorded step is a non-zero exit
+        code = 1
+        try:
+            before = (w.stats()["sampled_steps"], len(records))
+            _train(model, opt, 2)
+            code = 0 if (w.stats()["sampled_steps"], len(records)) == before else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    _train(model, opt, 1)  # the parent still records
+    w.unwatch()
+    assert w.stats()["sampled_steps"] == 1
