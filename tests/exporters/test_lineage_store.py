@@ -230,3 +230,22 @@ def test_database_merge_equals_applying_records_one_by_one(case):
         if key == "params" and got is not None:
             got = json.loads(got)
         assert got == expected.get(key), (key, fields, cuts)
+
+
+@pytest.mark.parametrize("end_first", [False, True])
+def test_large_batches_merge_in_either_order(store, end_first):
+    # Batches of 32+ rows take PostgreSQL's COPY + INSERT .. SELECT path.
+    run_id = new_id()
+    pairs = [start_end(run_id, new_id()) for _ in range(80)]
+    starts, ends = [p[0] for p in pairs], [p[1] for p in pairs]
+    for batch in ([ends, starts] if end_first else [starts, ends]):
+        store.write(batch)
+    store.write(starts + ends)  # re-delivered: no change
+    from provscope.exporters.lineage_schema import TASKS
+
+    with store.engine.connect() as conn:
+        got = conn.execute(sa.select(TASKS.c.params, TASKS.c.result)).all()
+    assert len(got) == 80
+    assert all(p == {"lr": 0.1} and r == {"loss": 0.25} for p, r in got)
+    for row in rows(store, "tasks"):
+        assert_merged(row)
