@@ -3,12 +3,13 @@
 If no agent listens on this node, one is started inside this process for the
 command's lifetime (its threads; it stops when the command ends). A new run id (UUIDv7)
 gets a run record and a task record of kind ``command`` (command line, working
-directory, start). CMD runs with ``PROVSCOPE_RUN_ID`` and ``PROVSCOPE_PARENT_TASK_ID``
-in its environment, so the job's own records join the run; the agent watches CMD's
-process tree and the working directory's file system. At exit the task gets the exit
-code, duration and a resource summary (CPU seconds, peak RSS, bytes read and written),
-and ``provscope run`` exits with CMD's code (128 + N when a signal N killed it).
-SIGINT and SIGTERM are forwarded to CMD.
+directory, start). CMD runs with ``PROVSCOPE_RUN_ID``, ``PROVSCOPE_PARENT_TASK_ID`` and
+the agent's socket path (``PROVSCOPE_AGENT_SOCKET_PATH``) in its environment, so the
+job's own records join the run through the same agent; the agent watches CMD's process
+tree and the working directory's file system. At exit the task gets the exit code,
+duration and a resource summary (CPU seconds, peak RSS, bytes read and written), and
+``provscope run`` exits with CMD's code (128 + N when a signal N killed it). SIGINT and
+SIGTERM are forwarded to CMD.
 """
 
 from __future__ import annotations
@@ -84,6 +85,10 @@ def run(args: argparse.Namespace) -> int:
     child_env = dict(os.environ)
     child_env[env.RUN_ID] = run_id
     child_env[env.PARENT_TASK_ID] = task_id
+    # The job must find the same agent and name the same host, however they were chosen.
+    child_env["PROVSCOPE_AGENT_SOCKET_PATH"] = str(sock)
+    if config.host:
+        child_env["PROVSCOPE_HOST"] = config.host
     try:
         proc = subprocess.Popen(cmd, env=child_env)
     except OSError as exc:

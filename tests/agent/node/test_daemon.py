@@ -72,8 +72,8 @@ def test_a_dead_agents_pid_file_does_not_block_a_new_agent(sock_path, tmp_path):
         assert pidfile_path(sock_path).read_text().strip() == str(os.getpid())
 
 
-def _cli(*args, sock_path, tmp_path, **kw):
-    base = [sys.executable, "-m", "provscope.cli",
+def _cli(*args, sock_path, tmp_path, pre=()):
+    base = [sys.executable, "-m", "provscope.cli", *pre,
             "--set", f"agent.socket_path={sock_path}", "--set", "prometheus.enabled=false",
             "--set", f"embedded.path={tmp_path / 'e.db'}",
             "--set", "agent.collectors.nvml.enabled=false",
@@ -180,3 +180,42 @@ def test_run_without_a_command_says_how_to_use_it(sock_path, tmp_path):
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
     assert "run needs a command after --" in out.stderr
+
+
+_RANK = """
+import os, sys, time
+from provscope.agent.ingest import AgentClient
+from provscope.config import load_config
+from provscope.records import Point
+client = AgentClient.try_connect(load_config())
+assert client is not None, "no agent"
+rank = os.environ["RANK"]
+client.submit(Point("train", {"host": "h", "run_id": os.environ["PROVSCOPE_RUN_ID"],
+                              "rank": rank}, {"loss": 1.0}, time.time_ns()))
+client.flush(5)
+time.sleep(2.5)  # long enough for the process collector to sample this rank
+client.shutdown(2)
+"""
+
+_LAUNCHER = """
+import os, subprocess, sys
+procs = [subprocess.Popen([sys.executable, "-c", sys.argv[1]], env=dict(os.environ, RANK=str(r)))
+         for r in range(2)]
+sys.exit(max(p.wait() for p in procs))
+"""
+
+
+def test_run_tags_each_ranks_process_tree_with_its_rank(sock_path, tmp_path):
+    out = subprocess.run(_cli("run", "--", sys.executable, "-c", _LAUNCHER, _RANK,
+                              sock_path=sock_path, tmp_path=tmp_path,
+                              pre=("--set", "agent.interval_s=0.2")),
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    db = sqlite3.connect(tmp_path / "e.db")
+    [(run_id,)] = db.execute("select run_id from runs").fetchall()
+    ranks = {r for (r,) in db.execute(
+        "select distinct rank from points where measurement='process' and run_id=?", (run_id,))}
+    assert {"0", "1"} <= {str(r) for r in ranks if r is not None}
+    train = {str(r) for (r,) in db.execute(
+        "select rank from points where measurement='train' and run_id=?", (run_id,))}
+    assert train == {"0", "1"}
