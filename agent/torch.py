@@ -94,7 +94,6 @@ class _StepState:
         "mem",
         "mem0",
         "snapshot",
-        "start_ns",
     )
 
     def __init__(self, n: int) -> None:
@@ -108,7 +107,6 @@ class _StepState:
         self.mem: list[int | None] = [None] * n
         self.snapshot: list[torch.Tensor] | None = None
         self.grad_norms: dict[int, torch.Tensor] = {}
-        self.start_ns = time.time_ns()
 
 
 class Watcher:
@@ -139,7 +137,6 @@ class Watcher:
         batch_size: int | None = None,
         seq_len: int | None = None,
         scalars: bool = True,
-        hyperparameters: dict[str, Any] | None = None,
         start_step: int = 0,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -215,7 +212,6 @@ class Watcher:
         self._boundary_t: float | None = None
         self._pending_train: list[tuple[int, int, dict[str, Any], torch.Tensor | None]] = []
         self._step_grad_norm: torch.Tensor | None = None
-        self._step_grads: list[torch.Tensor | None] | None = None
         self._build_closures()
         self._attach_permanent()
         if self.compiled_reason:
@@ -404,9 +400,13 @@ class Watcher:
     def _on_forward(self, i: int, module: nn.Module, args: tuple, out: Any) -> None:
         try:
             state = self._state
-            if state is None or state.fwd0[i] is None:
+            if state is None:
                 return
-            if self._cuda:
+            if state.fwd0[i] is None:
+                # Hooks attached while this very module was starting (the watched module is
+                # itself the layer): no start time for this call, statistics still count.
+                pass
+            elif self._cuda:
                 ev = torch.cuda.Event(enable_timing=True)
                 ev.record()
                 pairs = state.fwd[i] or []

@@ -193,3 +193,20 @@ def test_ddp_wrapped_model_is_watched_through_its_module(tmp_path):
     assert set(layers) == {"0", "1"}  # names without the "module." prefix
     assert layers["0"]["grad_norm"] > 0 and "activation_mean" in layers["1"]
     assert w.stats()["hook_errors"] == 0
+
+
+def test_a_model_without_submodules_is_its_own_single_layer():
+    w, records = _run_steps(nn.Linear(3, 2), torch.randn(4, 3))
+    layers = _layers(records)
+    assert w.layers == ["Linear"]
+    assert {"activation_mean", "grad_norm", "update_ratio"} <= set(layers["Linear"])
+
+
+def test_a_model_without_parameters_is_watched_for_activations():
+    records = []
+    model = nn.Sequential(nn.ReLU(), nn.Tanh())
+    with watch(model, every=1, emit=records.append) as w:
+        model(torch.randn(5))
+    layers = _layers(records)
+    assert set(layers) == {"0", "1"} and "grad_norm" not in layers["0"]
+    assert w.stats()["hook_errors"] == 0
