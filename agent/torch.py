@@ -59,12 +59,17 @@ def _host_default() -> str:
 
 
 def _current_run() -> Any:
+    """The active run; outside any workflow the implicit run, as for ``provscope.log``;
+    None when provscope is disabled (``PROVSCOPE_ENABLED=0``) or unavailable."""
     try:
-        from provscope.agent.client import current_run
+        from provscope.agent import client
     except ImportError:
         return None
     try:
-        return current_run()
+        if not client.enabled():
+            return None
+        run = client.current_run()
+        return run if run is not None else client._run_or_implicit()
     except Exception:  # monitoring never raises into the job
         return None
 
@@ -764,12 +769,13 @@ def watch(
             tensor (``(batch, seq)`` integer token ids) when not given.
         scalars: write the per-step ``train`` point (step time, throughput, lr, grad norm).
         hyperparameters: recorded on the model entity.
-        run: the run to write to (default: ``provscope.agent.client.current_run()``).
+        run: the run to write to (default: the current run; outside any workflow the
+            implicit run, as for ``provscope.log``).
         emit: write records here instead of ``run.emit`` (tests, custom sinks).
 
     Returns:
-        A :class:`Watcher` (a context manager; ``unwatch()`` removes every hook). Without a
-        run and without ``emit`` an inactive watcher is returned and one warning is logged.
+        A :class:`Watcher` (a context manager; ``unwatch()`` removes every hook). With
+        ``PROVSCOPE_ENABLED=0`` an inactive watcher is returned and no hook is attached.
 
     Raises:
         ConfigError: bad arguments, or more layers than ``max_layers`` (one line naming the
@@ -781,9 +787,10 @@ def watch(
     cfg = getattr(getattr(run, "config", None), "torch", None)
     every = every if every is not None else getattr(cfg, "every", 10)
     max_layers = max_layers if max_layers is not None else getattr(cfg, "max_layers", 512)
-    if emit is None and run is None:
-        log.warning("provscope.watch: no active run (open one with provscope.workflow(...)) "
-                    "and no emit=; nothing is recorded")
+    if emit is None and (run is None or getattr(run, "enabled", True) is False):
+        if run is None and _enabled():
+            log.warning("provscope.watch: no run to record into and no emit=; "
+                        "nothing is recorded")
         emit = _discard
         active = False
     else:
@@ -814,6 +821,14 @@ def watch(
 
 def _discard(record: Any) -> None:
     return None
+
+
+def _enabled() -> bool:
+    try:
+        from provscope.agent.client import enabled
+    except ImportError:
+        return True
+    return enabled()
 
 
 def unwatch(model: nn.Module) -> bool:

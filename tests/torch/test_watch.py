@@ -269,3 +269,13 @@ def test_a_forked_child_trains_without_running_the_parents_hooks():
     _train(model, opt, 1)  # the parent still records
     w.unwatch()
     assert w.stats()["sampled_steps"] == 1
+
+
+def test_disabled_provscope_attaches_no_hooks(monkeypatch):
+    monkeypatch.setenv("PROVSCOPE_ENABLED", "0")
+    model = MLP()
+    bare = _hook_count(model)
+    w = watch(model)
+    assert not w.active and _hook_count(model) == bare
+    model(torch.randn(2, 8))
+    assert w.stats()["points_emitted"] == 0
