@@ -189,6 +189,7 @@ class _Discard:
 
 def measure_ingest(tmp: Path, n: int) -> tuple[float, float]:
     """(ours points/s, raw-send baseline points/s), each timed at the receiving side."""
+    tmp = Path(tempfile.mkdtemp(dir=tmp))  # fresh socket paths for every round
     env = dict(os.environ)
     # ours: client -> socket -> IngestServer -> Pipeline.submit_many -> exporter queue
     sink = _Count()
