@@ -219,3 +219,44 @@ def test_run_tags_each_ranks_process_tree_with_its_rank(sock_path, tmp_path):
     train = {str(r) for (r,) in db.execute(
         "select rank from points where measurement='train' and run_id=?", (run_id,))}
     assert train == {"0", "1"}
+
+
+def test_agent_flags_map_onto_settings(sock_path):
+    from provscope.cli import build_parser
+    from provscope.commands.agent import _config
+
+    args = build_parser().parse_args([
+        "agent", "--interval", "2.5", "--influx-url", "http://i:8086", "--lineage-url",
+        "postgresql://u@db/l", "--no-prometheus", "--host", "node-7", "--socket",
+        str(sock_path)])
+    cfg = _config(args)
+    assert cfg.agent.interval_s == 2.5 and cfg.influxdb.url == "http://i:8086"
+    assert cfg.lineage.url == "postgresql://u@db/l" and cfg.prometheus.enabled is False
+    assert cfg.host_name == "node-7" and cfg.agent.socket_path == str(sock_path)
+
+
+def test_a_required_collector_that_cannot_open_stops_the_start_and_frees_the_lock(
+        sock_path, tmp_path, monkeypatch):
+    from provscope.errors import CollectorUnavailable
+
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # as on a node without nvidia-ml-py
+
+    cfg = _config(sock_path, tmp_path, **{"agent.collectors.nvml.enabled": True,
+                                          "agent.collectors.nvml.on_startup_error": "error"})
+    with pytest.raises(CollectorUnavailable, match="nvml"):
+        Agent(cfg, pipeline=Pipeline([MemoryExporter()])).start()
+    assert not pidfile_path(sock_path).exists() and not sock_path.exists()
+    with Agent(_config(sock_path, tmp_path), pipeline=Pipeline([MemoryExporter()])):
+        pass  # the node is free again
+
+
+def test_a_job_that_learns_its_run_later_is_watched_from_then_on(sock_path, tmp_path):
+    cfg = _config(sock_path, tmp_path)
+    with Agent(cfg, pipeline=Pipeline([MemoryExporter()])) as agent:
+        client = AgentClient.try_connect(cfg)  # no run yet: nothing to tag a tree with
+        assert client.flush(2) and _wait(lambda: agent.ingest.connections == 1)
+        assert agent.watch.snapshot() == []
+        client.set_identity(run_id="late-run", rank=1)
+        assert _wait(lambda: [(w.run_id, w.rank) for w in agent.watch.snapshot()]
+                     == [("late-run", 1)])
+        client.shutdown(1)
