@@ -327,9 +327,7 @@ class Watcher:
             present = [g for g in grads if g is not None]
             norms = ts.foreach_norms(present)
             if norms:
-                with torch.no_grad():
-                    self._step_grad_norm = torch.linalg.vector_norm(
-                        torch.stack([n.to(norms[0].device) for n in norms]))
+                self._step_grad_norm = ts.total_norm(norms)
             if self._state is not None:
                 it = iter(norms)
                 per_pos = [next(it) if g is not None else None for g in grads]

@@ -29,6 +29,7 @@ __all__ = [
     "foreach_norms",
     "snapshot",
     "to_host",
+    "total_norm",
 ]
 
 ACTIVATION_WIDTH = 7
@@ -198,3 +199,14 @@ def difference(after: Sequence[torch.Tensor], before: list[torch.Tensor]) -> lis
             for a, b in zip(after, before, strict=True):
                 b.sub_(a).neg_()
         return before
+
+
+def total_norm(norms: Sequence[torch.Tensor]) -> torch.Tensor:
+    """L2 norm of a list of per-tensor L2 norms (the global norm), on the first one's
+    device, without leaving the device."""
+    with torch.no_grad():
+        try:
+            return torch.linalg.vector_norm(torch.stack(list(norms)).float())
+        except (RuntimeError, TypeError):  # norms on several devices or of mixed dtypes
+            return torch.linalg.vector_norm(
+                torch.stack([n.to(norms[0].device, torch.float32) for n in norms]))
