@@ -103,7 +103,8 @@ class Scheduler:
                 e.state = "retrying"
                 e.next_open = now + self._retry_s
             else:
-                log.warning("%s; collector off", exc)
+                level = logging.INFO if getattr(exc, "quiet", False) else logging.WARNING
+                log.log(level, "%s; collector off", exc)
                 e.state = "unavailable"
             return
         e.state = "active"

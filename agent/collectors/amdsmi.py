@@ -54,7 +54,10 @@ class AmdSmiCollector:
             try:
                 import amdsmi
             except Exception as exc:  # ImportError, or the ROCm library missing
-                raise CollectorUnavailable(f"amdsmi: not importable ({exc})") from exc
+                err = CollectorUnavailable(f"amdsmi: not importable ({exc})")
+                # Most nodes have no AMD GPU: that is normal, not worth a warning.
+                err.quiet = True  # type: ignore[attr-defined]
+                raise err from exc
             self._smi = amdsmi
         smi = self._smi
         try:
