@@ -119,6 +119,13 @@ class Session:
             if n == name:
                 return
 
+    def close_innermost(self, prefix: str) -> None:
+        """Close the innermost open task whose name starts with ``prefix``."""
+        for name, _ in reversed(self._scopes):
+            if name.startswith(prefix):
+                self.close_task(name)
+                return
+
     def watch(self, model: Any, optimizer: Any, **kwargs: Any) -> None:
         """Start layer statistics on ``model`` (once)."""
         if self.run is None or self.watcher is not None or not self.watch_layers:

@@ -67,10 +67,7 @@ class ProvscopeTrainerCallback(TrainerCallback):
 
     def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         # state.epoch is fractional and already advanced: close the innermost epoch task.
-        for name, _ in reversed(self.session._scopes):
-            if name.startswith("epoch "):
-                self.session.close_task(name)
-                break
+        self.session.close_innermost("epoch ")
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None,
                **kwargs: Any) -> None:
