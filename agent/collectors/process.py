@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from provscope.agent.collectors.base import OnceLogger, specs_for
 from provscope.catalogue import MetricSpec
 from provscope.records import Point
 
-__all__ = ["ProcessCollector", "ProcessTree", "WatchList", "Watched"]
+__all__ = ["ProcessCollector", "ProcessTree", "WatchList", "Watched", "children_map"]
 
 log = logging.getLogger("provscope.collectors.process")
 
@@ -112,39 +113,51 @@ class ProcessTree:
 
             self.psutil_module = psutil
 
-    def _pids(self, exclude: frozenset[int]) -> list[Any]:
+    def _pids(self, exclude: frozenset[int],
+              children: dict[int, list[int]] | None) -> list[Any]:
+        """The live Process objects of the tree: the root, then its descendants, minus
+        registered sub-roots and everything below them."""
         ps = self.psutil_module
         root = self.members.get(self.root_pid)
         try:
             proc = root.proc if root else ps.Process(self.root_pid)
             if not proc.is_running():
                 raise ps.NoSuchProcess(self.root_pid)
-            children = proc.children(recursive=True)
+            if children is None:
+                children = _children_map(proc.children(recursive=True))
         except (ps.NoSuchProcess, ps.ZombieProcess):
             self.alive = False
             return []
         except ps.AccessDenied:
-            children = []
-        if exclude:
-            # Drop registered sub-roots and everything below them.
-            skip: set[int] = set(exclude)
-            kept = []
-            for child in children:
+            children = {}
+        out = [proc]
+        stack = [self.root_pid]
+        while stack:
+            for pid in children.get(stack.pop(), ()):
+                if pid in exclude:
+                    continue
+                stack.append(pid)
+                state = self.members.get(pid)
+                if state is not None:
+                    out.append(state.proc)
+                    continue
                 try:
-                    ppid = child.ppid()
+                    out.append(ps.Process(pid))
                 except ps.Error:
                     continue
-                if child.pid in skip or ppid in skip:
-                    skip.add(child.pid)
-                    continue
-                kept.append(child)
-            children = kept
-        return [proc, *children]
+        return out
 
-    def sample(self, exclude: frozenset[int] = frozenset()) -> dict[str, float] | None:
-        """Read the tree now. Returns the fields, or None when the root has exited."""
+    def sample(self, exclude: frozenset[int] = frozenset(),
+               children: dict[int, list[int]] | None = None) -> dict[str, float] | None:
+        """Read the tree now. Returns the fields, or None when the root has exited.
+
+        Args:
+            exclude: pids whose subtrees belong to another registration.
+            children: parent pid -> child pids of the whole machine, read once per sample
+                for every tree (``children_map``); None: ask psutil for this tree.
+        """
         ps = self.psutil_module
-        procs = self._pids(exclude - {self.root_pid})
+        procs = self._pids(exclude - {self.root_pid}, children)
         if not procs:
             self._retire(set(self.members))
             return None
@@ -210,6 +223,45 @@ class ProcessTree:
         }
 
 
+def _children_map(procs: Any) -> dict[int, list[int]]:
+    out: dict[int, list[int]] = {}
+    for p in procs:
+        try:
+            out.setdefault(p.ppid(), []).append(p.pid)
+        except Exception:
+            continue
+    return out
+
+
+def children_map(procfs: str | os.PathLike[str] = "/proc") -> dict[int, list[int]] | None:
+    """parent pid -> child pids of every process, from ``<procfs>/<pid>/stat``.
+
+    One pass over procfs per sample, shared by every watched tree (psutil's
+    ``children(recursive=True)`` makes that pass once per tree). None when procfs cannot
+    be read (not Linux): callers then ask psutil per tree.
+    """
+    try:
+        entries = os.listdir(procfs)
+    except OSError:
+        return None
+    out: dict[int, list[int]] = {}
+    for name in entries:
+        if not name.isdigit():
+            continue
+        try:
+            with open(os.path.join(procfs, name, "stat"), "rb") as f:
+                data = f.read()
+        except OSError:
+            continue  # exited since the listing
+        # "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+        rest = data[data.rfind(b")") + 2:].split(b" ", 2)
+        try:
+            out.setdefault(int(rest[1]), []).append(int(name))
+        except (IndexError, ValueError):
+            continue
+    return out
+
+
 class ProcessCollector:
     """Resource use of every registered job's process tree.
 
@@ -217,12 +269,14 @@ class ProcessCollector:
         host: value of the ``host`` tag.
         watch: the shared ``WatchList`` (ingest and ``provscope run`` register roots).
         psutil_module: the psutil module (tests pass a fake).
+        procfs: the procfs root read for the process hierarchy (tests pass a fixture tree).
     """
 
     name: ClassVar[str] = "process"
 
     def __init__(self, host: str, watch: WatchList | None = None,
-                 psutil_module: Any = None) -> None:
+                 psutil_module: Any = None, procfs: str | os.PathLike[str] = "/proc") -> None:
+        self._procfs = procfs
         if psutil_module is None:
             import psutil as psutil_module
         self._ps = psutil_module
@@ -240,12 +294,13 @@ class ProcessCollector:
         for pid in set(self._trees) - roots:
             del self._trees[pid]
         out = []
+        children = children_map(self._procfs) if watched else None
         for w in watched:
             tree = self._trees.get(w.pid)
             if tree is None:
                 tree = self._trees[w.pid] = ProcessTree(w.pid, self._ps)
             try:
-                fields = tree.sample(roots)
+                fields = tree.sample(roots, children)
             except Exception as exc:  # one odd process must not stop the others
                 self._once(("err", w.pid), "process: pid %d not sampled (%s)", w.pid, exc)
                 continue

@@ -279,3 +279,23 @@ def test_a_registered_rank_is_not_counted_again_in_its_launchers_tree():
             p.kill()
         launcher.kill()
         launcher.wait()
+
+
+def test_children_map_reads_the_hierarchy_from_a_procfs_tree(tmp_path):
+    from provscope.agent.collectors.process import children_map
+
+    stats = {
+        1: "1 (systemd) S 0 1 1 0",
+        10: "10 (torchrun) S 1 10 10 0",
+        11: "11 (python) R 10 10 10 0",
+        12: "12 (pt_data_worker (0)) S 11 10 10 0",  # comm with a space and parentheses
+        13: "13 (weird) name)) S 11 10 10 0",
+    }
+    for pid, line in stats.items():
+        (tmp_path / str(pid)).mkdir()
+        (tmp_path / str(pid) / "stat").write_text(line + "\n")
+    (tmp_path / "self").mkdir()  # not a pid
+    (tmp_path / "99").mkdir()  # exited between listing and reading: no stat file
+    m = children_map(tmp_path)
+    assert {k: sorted(v) for k, v in m.items()} == {0: [1], 1: [10], 10: [11], 11: [12, 13]}
+    assert children_map(tmp_path / "missing") is None
