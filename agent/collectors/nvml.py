@@ -15,8 +15,8 @@ Rules, from what NVML costs and how it fails:
   ``nvmlDeviceGetPcieThroughput`` (that call blocks about 20 ms).
 - Every getter is wrapped (gpustat style): ``NVML_ERROR_NOT_SUPPORTED`` leaves the field
   out from then on, logged once; any other error leaves it out of this sample only.
-- The running-process query (milliseconds, takes the driver lock) runs only while a job
-  is watched.
+- The running-process query (milliseconds per GPU, takes the driver lock) runs only
+  while a job is watched, and at most every ``process_interval_s`` (5 s).
 - No library, no driver or no GPU: ``open`` raises ``CollectorUnavailable`` and the
   agent runs on without this collector (one warning).
 """
@@ -57,13 +57,17 @@ class NvmlCollector:
         nvml_module: the ``pynvml`` module; tests pass a fake with the same names.
         pid_map: returns {pid: registration with ``run_id``/``rank``} for the watched
             jobs' processes (``ProcessCollector.pids_of``); None: no ``gpu_process``.
+        process_interval_s: least time between two running-process queries, seconds.
     """
 
     name: ClassVar[str] = "nvml"
 
     def __init__(self, host: str, nvml_module: Any = None,
-                 pid_map: Callable[[], Mapping[int, Any]] | None = None) -> None:
+                 pid_map: Callable[[], Mapping[int, Any]] | None = None,
+                 process_interval_s: float = 5.0) -> None:
         self._nv = nvml_module
+        self._proc_every_ns = int(process_interval_s * 1e9)
+        self._last_proc_ns: int | None = None
         self._host = host
         self._pid_map = pid_map
         self._devices: list[tuple[Any, dict[str, str]]] = []
@@ -146,6 +150,12 @@ class NvmlCollector:
         nv = self._nv
         out: list[Point] = []
         pid_map = self._pid_map() if self._pid_map else {}
+        if pid_map:
+            last = self._last_proc_ns
+            if last is None or now_ns - last >= self._proc_every_ns:
+                self._last_proc_ns = now_ns
+            else:
+                pid_map = {}  # queried recently: skip the slow call this time
         for idx, (h, tags) in enumerate(self._devices):
             f: dict[str, float | int] = {}
             util = self._get(idx, "utilization", nv.nvmlDeviceGetUtilizationRates, h)

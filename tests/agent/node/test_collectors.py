@@ -299,3 +299,16 @@ def test_children_map_reads_the_hierarchy_from_a_procfs_tree(tmp_path):
     m = children_map(tmp_path)
     assert {k: sorted(v) for k, v in m.items()} == {0: [1], 1: [10], 10: [11], 11: [12, 13]}
     assert children_map(tmp_path / "missing") is None
+
+
+def test_nvml_queries_running_processes_at_most_every_process_interval(fake_nvml):
+    nv = fake_nvml(processes={0: [(100, 1 << 30)]})
+    c = NvmlCollector("h", nv, pid_map=lambda: {100: Watched(100, "r", 0)},
+                      process_interval_s=5.0)
+    c.open()
+    emitted = []
+    for second in range(11):
+        points = c.collect(NOW + second * 10**9)
+        emitted.append(any(p.measurement == "gpu_process" for p in points))
+    assert emitted == [True, False, False, False, False, True, False, False, False, False, True]
+    assert nv.calls["processes"] == 3 * 2  # two GPUs per query
