@@ -183,6 +183,10 @@ class Watcher:
         self._device = device
         self.log_memory = self._cuda if log_memory is None else bool(log_memory and self._cuda)
         self._hooks_allowed = self.compiled_reason is None
+        # Per-step gradient norms wait on the device and cross to the host in batches: on
+        # CUDA every min(every, 10) steps (one synchronisation per batch, and dashboards lag
+        # at most ten steps); on the CPU there is nothing to wait for.
+        self._train_batch = min(every, 10) if self._cuda else 1
 
         rank = rank if rank is not None else _dist_rank()
         base = {"run_id": str(run_id or ""), "host": str(host or _host_default()),
@@ -493,7 +497,7 @@ class Watcher:
                 self._error("layer statistics at step end", exc)
             self.sampled_steps += 1
             self._flush_train()
-        elif len(self._pending_train) >= self.every:
+        elif len(self._pending_train) >= self._train_batch:
             self._flush_train()
         self.step = step + 1
 
