@@ -99,6 +99,7 @@ class _StepState:
         "mem",
         "mem0",
         "snapshot",
+        "snapshot_idx",
     )
 
     def __init__(self, n: int) -> None:
@@ -111,6 +112,7 @@ class _StepState:
         self.mem0 = [0] * n
         self.mem: list[int | None] = [None] * n
         self.snapshot: list[torch.Tensor] | None = None
+        self.snapshot_idx: list[int] = []  # parameter indices the snapshot holds
         self.grad_norms: dict[int, torch.Tensor] = {}
 
 
@@ -142,6 +144,7 @@ class Watcher:
         batch_size: int | None = None,
         seq_len: int | None = None,
         scalars: bool = True,
+        snapshot_max_bytes: int = 256 * 2**20,
         start_step: int = 0,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -203,6 +206,12 @@ class Watcher:
         self._layer_params: list[list[int]] = [[] for _ in self._layers]
         for k, (i, _, _) in enumerate(self._params):
             self._layer_params[i].append(k)
+        self.snapshot_max_bytes = snapshot_max_bytes
+        self._layer_bytes = [
+            sum(self._params[k][2].numel() * self._params[k][2].element_size() for k in ks)
+            for ks in self._layer_params
+        ]
+        self._snapshot_next = 0
         self._param_tags = [
             {**self._layer_tags[i], "param": pname} for i, pname, _ in self._params
         ]
@@ -339,7 +348,7 @@ class Watcher:
                     if pos is not None and per_pos[pos] is not None:
                         self._state.grad_norms[k] = per_pos[pos]
                 if self.log_params and self._params:
-                    self._state.snapshot = ts.snapshot([p for _, _, p in self._params])
+                    self._take_snapshot(self._state)
         except Exception as exc:
             self._error("optimizer step pre-hook", exc)
 
@@ -357,7 +366,7 @@ class Watcher:
         state = _StepState(len(self._layers))
         self._state = state
         if self.optimizer is None and self.log_params and self._params:
-            state.snapshot = ts.snapshot([p for _, _, p in self._params])
+            self._take_snapshot(state)
         handles = self._step_handles
         if self._hooks_allowed:
             for i, layer in enumerate(self._layers):
@@ -367,6 +376,28 @@ class Watcher:
             for k, (_, _, p) in enumerate(self._params):
                 if p.requires_grad:
                     handles.append(p.register_post_accumulate_grad_hook(self._grad_acc[k]))
+
+    def _take_snapshot(self, state: _StepState) -> None:
+        """Copy the weights of as many whole layers as fit in ``snapshot_max_bytes``,
+        starting where the previous sampled step stopped, so that a model too big to copy
+        at once still gets every layer's update ratio, in turn."""
+        n = len(self._layers)
+        budget = self.snapshot_max_bytes
+        chosen: list[int] = []
+        used = 0
+        i = self._snapshot_next
+        for _ in range(n):
+            size = self._layer_bytes[i]
+            if size and size <= budget - used:
+                chosen.append(i)
+                used += size
+            elif size and chosen:
+                break
+            i = (i + 1) % n
+        self._snapshot_next = i
+        idx = [k for layer in chosen for k in self._layer_params[layer]]
+        state.snapshot_idx = idx
+        state.snapshot = ts.snapshot([self._params[k][2] for k in idx])
 
     def _remove_step_hooks(self) -> None:
         for handle in self._step_handles:
@@ -546,7 +577,8 @@ class Watcher:
         if self.log_params and params:
             weight_norms = ts.foreach_norms(params)
             if state.snapshot is not None:
-                update_norms = ts.foreach_norms(ts.difference(params, state.snapshot))
+                update_norms = ts.foreach_norms(ts.difference(
+                    [params[k] for k in state.snapshot_idx], state.snapshot))
         grad_keys = sorted(state.grad_norms)
         scalars = [state.grad_norms[k] for k in grad_keys]
         scalars += weight_norms + update_norms
@@ -560,7 +592,8 @@ class Watcher:
         np_ = len(params)
         wn = flat[off:off + np_] if weight_norms else []
         off += len(wn)
-        un = flat[off:off + np_] if update_norms else []
+        un = dict(zip(state.snapshot_idx, flat[off:off + len(update_norms)], strict=True))
+        has_u = [False] * len(self._layers)
 
         # Per-layer sums of squares of per-parameter norms.
         g2 = [0.0] * len(self._layers)
@@ -577,8 +610,9 @@ class Watcher:
             if wn:
                 w2[i] += wn[k] ** 2
                 pf["weight_norm"] = wn[k]
-            if un and wn:
+            if k in un and wn:
                 u2[i] += un[k] ** 2
+                has_u[i] = True
                 if wn[k] > 0:
                     pf["update_ratio"] = un[k] / wn[k]
             if self.per_param and len(pf) > 1:
@@ -594,7 +628,7 @@ class Watcher:
                 f["grad_norm"] = math.sqrt(g2[i])
             if wn and self._layers[i].params:
                 f["weight_norm"] = math.sqrt(w2[i])
-            if un and w2[i] > 0:
+            if has_u[i] and w2[i] > 0:
                 f["update_ratio"] = math.sqrt(u2[i]) / math.sqrt(w2[i])
             fwd = state.fwd[i]
             if fwd is not None:
@@ -747,6 +781,7 @@ def watch(
     batch_size: int | None = None,
     seq_len: int | None = None,
     scalars: bool = True,
+    snapshot_max_bytes: int = 256 * 2**20,
     hyperparameters: dict[str, Any] | None = None,
     run: Any = None,
     emit: Callable[[Any], Any] | None = None,
@@ -762,7 +797,7 @@ def watch(
         depth: cut the module tree at this depth (1 = the model's direct children).
         max_layers: cap on watched layers (default: setting ``torch.max_layers``).
         log_params: weight L2 norm and update ratio per layer (copies the watched weights
-            once per sampled step).
+            once per sampled step, at most ``snapshot_max_bytes`` of them).
         per_param: also write one ``layer_param`` point per parameter tensor.
         log_memory: CUDA allocated-memory delta per layer (default: on for CUDA models).
         optimizer: defines the step boundary (its ``step()``), gives the learning rate and
@@ -770,6 +805,9 @@ def watch(
         batch_size, seq_len: for samples/s and tokens/s; inferred from the first input
             tensor (``(batch, seq)`` integer token ids) when not given.
         scalars: write the per-step ``train`` point (step time, throughput, lr, grad norm).
+        snapshot_max_bytes: most bytes of weights copied per sampled step for the update
+            ratio (default 256 MiB); bigger models get the ratio for a rotating subset of
+            whole layers each sampled step, layers bigger than this never.
         hyperparameters: recorded on the model entity.
         run: the run to write to (default: the current run; outside any workflow the
             implicit run, as for ``provscope.log``).
@@ -808,6 +846,7 @@ def watch(
         layers=layers, depth=depth, max_layers=max_layers, log_params=log_params,
         per_param=per_param, log_memory=log_memory, optimizer=optimizer,
         batch_size=batch_size, seq_len=seq_len, scalars=scalars,
+        snapshot_max_bytes=snapshot_max_bytes,
     )
     if not active:
         watcher.unwatch()

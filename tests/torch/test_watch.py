@@ -279,3 +279,17 @@ def test_disabled_provscope_attaches_no_hooks(monkeypatch):
     assert not w.active and _hook_count(model) == bare
     model(torch.randn(2, 8))
     assert w.stats()["points_emitted"] == 0
+
+
+def test_update_ratio_rotates_over_layers_when_the_weight_copy_budget_is_small():
+    model = MLP()  # fc1: 576 bytes of weights, fc2: 272 bytes
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    records = []
+    with watch(model, every=1, optimizer=opt, emit=records.append, snapshot_max_bytes=600):
+        _train(model, opt, 3)
+    with_ratio = {}
+    for p in _points(records):
+        if "update_ratio" in p.fields:
+            with_ratio.setdefault(p.fields["step"], []).append(p.tags["layer"])
+        assert "weight_norm" in p.fields or p.tags["layer"] == "act"
+    assert with_ratio == {0: ["fc1"], 1: ["fc2"], 2: ["fc1"]}
