@@ -93,6 +93,9 @@ def _foreground(config, ready_fd: int | None = None) -> int:
         if ready_fd is not None:
             os.write(ready_fd, f"err {exc}\n".encode())
             os.close(ready_fd)
+        if isinstance(exc, OSError):  # socket or /metrics port: one line, not a traceback
+            print(f"provscope: agent cannot start: {exc}", file=sys.stderr)
+            return 1
         raise
     if ready_fd is not None:
         os.write(ready_fd, f"ok {os.getpid()}\n".encode())

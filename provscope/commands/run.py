@@ -47,9 +47,10 @@ def run(args: argparse.Namespace) -> int:
     from provscope import env
     from provscope.agent import framing
     from provscope.agent.collectors.process import ProcessTree
-    from provscope.agent.daemon import Agent
+    from provscope.agent.daemon import Agent, AgentAlreadyRunning
     from provscope.agent.ingest import AgentClient, request, socket_path
     from provscope.cli import load_from_args
+    from provscope.errors import ProvscopeError
     from provscope.ids import new_id
     from provscope.records import RunRecord, TaskRecord
 
@@ -67,10 +68,23 @@ def run(args: argparse.Namespace) -> int:
     agent = None
     client = AgentClient.try_connect(config)
     if client is None:
-        agent = Agent(config).start()  # lives as long as the command
-        client = AgentClient.try_connect(config)
-        if client is None:  # pragma: no cover - we just bound it
-            agent.stop()
+        try:
+            agent = Agent(config).start()  # lives as long as the command
+        except AgentAlreadyRunning:
+            pass  # another one started just now: use it
+        except (OSError, ProvscopeError) as exc:
+            # Monitoring never stops the command: without an agent, the run's own records
+            # go straight to the stores; node and process telemetry are missing.
+            print(f"provscope: no agent ({exc}); running without node telemetry",
+                  file=sys.stderr)
+            from provscope.agent.pipeline import Pipeline
+
+            client = Pipeline.from_config(config)
+        if client is None:
+            client = AgentClient.try_connect(config)
+        if client is None:  # pragma: no cover - an agent listens, or we just bound one
+            if agent is not None:
+                agent.stop()
             print(f"provscope: cannot connect to the agent at {sock}", file=sys.stderr)
             return 1
     host = config.host_name

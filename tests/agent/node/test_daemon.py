@@ -73,12 +73,12 @@ def test_a_dead_agents_pid_file_does_not_block_a_new_agent(sock_path, tmp_path):
 
 
 def _cli(*args, sock_path, tmp_path, pre=()):
-    base = [sys.executable, "-m", "provscope.cli", *pre,
+    base = [sys.executable, "-m", "provscope.cli",
             "--set", f"agent.socket_path={sock_path}", "--set", "prometheus.enabled=false",
             "--set", f"embedded.path={tmp_path / 'e.db'}",
             "--set", "agent.collectors.nvml.enabled=false",
             "--set", "agent.collectors.amdsmi.enabled=false"]
-    return base + list(args)
+    return base + list(pre) + list(args)  # later --set flags win
 
 
 def test_foreground_agent_flushes_and_exits_on_sigterm(sock_path, tmp_path):
@@ -260,3 +260,33 @@ def test_a_job_that_learns_its_run_later_is_watched_from_then_on(sock_path, tmp_
         assert _wait(lambda: [(w.run_id, w.rank) for w in agent.watch.snapshot()]
                      == [("late-run", 1)])
         client.shutdown(1)
+
+
+def test_run_still_runs_the_command_when_no_agent_can_start(sock_path, tmp_path):
+    import socket
+
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen(1)
+    port = busy.getsockname()[1]
+    try:
+        out = subprocess.run(_cli("run", "--name", "no-agent", "--", sys.executable, "-c",
+                                  "import sys; sys.exit(5)", sock_path=sock_path,
+                                  tmp_path=tmp_path,
+                                  pre=("--set", "prometheus.enabled=true",
+                                       "--set", f"prometheus.port={port}")),
+                             capture_output=True, text=True, timeout=120)
+        agent = subprocess.run(_cli("agent", sock_path=sock_path, tmp_path=tmp_path,
+                                    pre=("--set", "prometheus.enabled=true",
+                                         "--set", f"prometheus.port={port}")),
+                               capture_output=True, text=True, timeout=60)
+    finally:
+        busy.close()
+    assert out.returncode == 5
+    assert "running without node telemetry" in out.stderr
+    assert "Traceback" not in out.stderr
+    db = sqlite3.connect(tmp_path / "e.db")
+    assert db.execute("select name, status from runs").fetchall() == [("no-agent", "failed")]
+    assert agent.returncode == 1
+    assert agent.stderr.strip().splitlines()[-1].startswith("provscope: agent cannot start:")
+    assert "Traceback" not in agent.stderr
