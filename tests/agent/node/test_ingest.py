@@ -190,7 +190,8 @@ def test_client_never_blocks_buffers_while_agent_is_away_and_reconnects(sock_pat
     per_call = (time.perf_counter() - t0) / 5000
     assert per_call < 200e-6  # never waits for the missing agent
     assert not client.flush(0.3)
-    assert client.stats()["points_dropped_total"] >= 4000  # buffer of 1000: oldest dropped
+    # A buffer of 1000 (plus at most one frame in flight) holds the newest; the rest drop.
+    assert client.stats()["points_dropped_total"] >= 3000
     srv2 = IngestServer(sock_path, on_points=got.points.extend, on_records=got.records.extend)
     srv2.start()
     try:
