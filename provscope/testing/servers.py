@@ -213,7 +213,9 @@ class PrometheusServer:
         self.url = f"http://127.0.0.1:{self.port}"
         cfg = self.dir / "prometheus.yml"
         cfg.write_text(json.dumps({
-            "global": {"scrape_interval": f"{interval_s}s", "scrape_timeout": f"{interval_s}s"},
+            # Prometheus durations take no decimals: "1500ms", not "1.5s".
+            "global": {"scrape_interval": f"{round(interval_s * 1000)}ms",
+                       "scrape_timeout": f"{round(interval_s * 1000)}ms"},
             "scrape_configs": [{"job_name": "provscope",
                                 "static_configs": [{"targets": targets}]}],
         }))
