@@ -157,8 +157,8 @@ def activation_fields(values: Sequence[float], numel: int) -> dict[str, float]:
         "activation_std": std,
         "activation_abs_max": max(-lo, hi) if lo == lo and hi == hi else math.nan,
         "activation_zero_fraction": min(1.0, max(0.0, 1.0 - nonzero / numel)),
-        "activation_nan_count": int(nan),
-        "activation_inf_count": int(inf),
+        "activation_nan_elements": int(nan),
+        "activation_inf_elements": int(inf),
     }
 
 

@@ -94,7 +94,7 @@ def make_points(n: int, seed: int = 1) -> list[Point]:
                               "activation_std": _f32(rnd.random()),
                               "activation_abs_max": _f32(rnd.random() * 10),
                               "activation_zero_fraction": _f32(rnd.random()),
-                              "activation_nan_count": 0, "activation_inf_count": 0,
+                              "activation_nan_elements": 0, "activation_inf_elements": 0,
                               "forward_seconds": _f32(rnd.random() / 100),
                               "backward_seconds": _f32(rnd.random() / 100),
                               "grad_norm": _f32(rnd.random()),

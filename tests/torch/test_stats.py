@@ -49,7 +49,7 @@ def test_tensors_without_activation_statistics_return_none(tensor):
 def test_activation_fields_turn_nan_into_nan_statistics_not_errors():
     fields = ts.activation_fields((math.nan, math.nan, math.nan, math.nan, 3, 1, 0), 4)
     assert math.isnan(fields["activation_mean"]) and math.isnan(fields["activation_std"])
-    assert fields["activation_nan_count"] == 1 and fields["activation_zero_fraction"] == 0.25
+    assert fields["activation_nan_elements"] == 1 and fields["activation_zero_fraction"] == 0.25
 
 
 def test_first_tensor_prefers_floating_values_of_containers():

@@ -83,7 +83,7 @@ def test_activation_statistics_match_a_direct_computation():
     assert relu["activation_std"] == pytest.approx(out.std(correction=0).item(), rel=1e-4)
     assert relu["activation_abs_max"] == pytest.approx(out.abs().max().item())
     assert relu["activation_zero_fraction"] == pytest.approx((out == 0).float().mean().item())
-    assert relu["activation_nan_count"] == 0 and relu["activation_inf_count"] == 0
+    assert relu["activation_nan_elements"] == 0 and relu["activation_inf_elements"] == 0
 
 
 def test_nan_and_inf_activations_are_counted_not_raised():
@@ -100,8 +100,8 @@ def test_nan_and_inf_activations_are_counted_not_raised():
     with watch(model, every=1, emit=records.append) as w:
         model(torch.randn(3, 4))
     poison = next(p.fields for p in _points(records) if p.tags["layer"] == "1")
-    assert poison["activation_nan_count"] == 1
-    assert poison["activation_inf_count"] == 5
+    assert poison["activation_nan_elements"] == 1
+    assert poison["activation_inf_elements"] == 5
     assert math.isnan(poison["activation_mean"])
     assert w.stats()["hook_errors"] == 0
 
