@@ -204,14 +204,8 @@ class _TaskScope:
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
         try:
-            if self._tokens is not None:
-                run_token, task_token = self._tokens
-                self._tokens = None
-                try:
-                    task_var.reset(task_token)
-                    run_var.reset(run_token)
-                except ValueError:  # closed from another context (a collected generator)
-                    pass
+            _reset_context(self._tokens)
+            self._tokens = None
             if self.task is not None:
                 self._run._end_task(self.task, exc)
         except Exception:
@@ -223,6 +217,18 @@ class _TaskScope:
 
     async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
         return self.__exit__(exc_type, exc, tb)
+
+
+def _reset_context(tokens: tuple[Any, Any] | None) -> None:
+    """Restore the run and task context variables set on entry (tokens from ``.set``)."""
+    if tokens is None:
+        return
+    run_token, task_token = tokens
+    try:
+        task_var.reset(task_token)
+        run_var.reset(run_token)
+    except ValueError:  # closed from another context (a collected generator)
+        pass
 
 
 # ----------------------------------------------------------------------------- runs
@@ -314,14 +320,8 @@ class Run:
             self.errors += 1
         if error is not None:
             log_.debug("run %s failed: %s", self.run_id, _error_text(error))
-        if self._tokens is not None:
-            run_token, task_token = self._tokens
-            self._tokens = None
-            try:
-                task_var.reset(task_token)
-                run_var.reset(run_token)
-            except ValueError:
-                pass
+        _reset_context(self._tokens)
+        self._tokens = None
         context.pop_run(self)
 
     def __enter__(self) -> Run:

@@ -22,14 +22,18 @@ def _unavailable(exc: Exception) -> None:
     pytest.skip(str(exc))
 
 
+def _running(server_class):
+    try:
+        server = server_class()
+    except ServerUnavailable as exc:
+        _unavailable(exc)
+    return server.start()
+
+
 @pytest.fixture(scope="session")
 def influx_server():
     """A running InfluxDB 1.x shared by the session (do not stop it; use ``influx_own``)."""
-    try:
-        server = InfluxServer()
-    except ServerUnavailable as exc:
-        _unavailable(exc)
-    server.start()
+    server = _running(InfluxServer)
     yield server
     server.close()
 
@@ -37,11 +41,7 @@ def influx_server():
 @pytest.fixture
 def influx_own():
     """A private InfluxDB a test may stop and restart (outage tests)."""
-    try:
-        server = InfluxServer()
-    except ServerUnavailable as exc:
-        _unavailable(exc)
-    server.start()
+    server = _running(InfluxServer)
     yield server
     server.close()
 
@@ -57,11 +57,7 @@ def influx_db(influx_server) -> str:
 @pytest.fixture(scope="session")
 def postgres_server():
     """A running PostgreSQL shared by the session."""
-    try:
-        server = PostgresServer()
-    except ServerUnavailable as exc:
-        _unavailable(exc)
-    server.start()
+    server = _running(PostgresServer)
     yield server
     server.close()
 
