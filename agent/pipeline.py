@@ -67,6 +67,7 @@ class BatchProcessor:
         self._idle = threading.Event()
         self._idle.set()
         self._stopping = False
+        self._finished = False
         self._deadline = float("inf")
         self._export_lock = threading.Lock()
         self.received = 0
@@ -206,18 +207,29 @@ class BatchProcessor:
 
     def shutdown(self, timeout_s: float) -> None:
         """Drain within the deadline, stop the worker, shut the exporter down. Idempotent."""
+        deadline = time.monotonic() + timeout_s
+        self.begin_shutdown(deadline)
+        self.finish_shutdown(deadline)
+
+    def begin_shutdown(self, deadline: float) -> None:
+        """Tell the worker to drain and stop by ``deadline`` (monotonic). Never blocks."""
         if self._stopping:
             return
-        deadline = time.monotonic() + timeout_s
         # The worker gives up a little before the join does, so the records it could not
-        # deliver are counted as dropped before this method returns.
-        self._deadline = deadline - min(0.1, timeout_s * 0.2)
+        # deliver are counted as dropped before shutdown returns.
+        self._deadline = deadline - min(0.1, max(0.0, deadline - time.monotonic()) * 0.2)
         self._stopping = True
         self._wake.set()
+
+    def finish_shutdown(self, deadline: float) -> None:
+        """Join the worker and shut the exporter down, both by ``deadline``. Idempotent."""
+        if self._finished:
+            return
+        self._finished = True
         self._thread.join(max(0.0, deadline - time.monotonic()))
-        if self._thread.is_alive():
-            log.warning("exporter %s did not drain within %.1fs; %d records dropped",
-                        self.exporter.name, timeout_s, len(self._queue))
+        if self._thread.is_alive() and self._queue:
+            log.warning("exporter %s did not drain by the deadline; %d records dropped",
+                        self.exporter.name, len(self._queue))
         try:
             self.exporter.shutdown(max(0.0, deadline - time.monotonic()))
         except Exception:
@@ -342,8 +354,11 @@ class Pipeline:
             return
         self._closed = True
         deadline = time.monotonic() + timeout_s
+        # All workers drain at once: one slow destination does not eat the others' time.
         for proc in self.processors:
-            proc.shutdown(max(0.0, deadline - time.monotonic()))
+            proc.begin_shutdown(deadline)
+        for proc in self.processors:
+            proc.finish_shutdown(deadline)
 
     def stats(self) -> dict[str, dict[str, float]]:
         """Self-metrics per exporter name."""

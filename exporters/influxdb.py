@@ -200,6 +200,7 @@ class InfluxDBExporter:
         self._query_base = base
         self._need_db = api == "v1" and create_database
         self._conn: http.client.HTTPConnection | None = None
+        self._refused = False  # the last connection attempt was refused or timed out
         self._next_try = 0.0  # monotonic time before which the spool path skips the network
         self._probe_delay = 0.0
         self._deadline: float | None = None  # set by flush/shutdown: no sleep past it
@@ -574,7 +575,9 @@ class InfluxDBExporter:
             conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError as exc:
             conn.close()
+            self._refused = True
             raise _Failure(f"cannot connect: {exc}") from None
+        self._refused = False
         self._conn = conn
         return conn
 
@@ -628,6 +631,11 @@ class InfluxDBExporter:
         try:
             while self.spool.pending_records and time.monotonic() < deadline:
                 self._replay(deadline, force=True)
+                if self.spool.pending_records and self._refused:
+                    # Nothing listens at the URL: the records are safe on disk and a later
+                    # flush or the next process sends them. Waiting out the deadline would
+                    # only hold up the caller (a job at exit, an agent on SIGTERM).
+                    return False
                 if self.spool.pending_records:
                     time.sleep(min(max(0.0, deadline - time.monotonic()),
                                    max(0.05, self._probe_delay)))

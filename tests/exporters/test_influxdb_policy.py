@@ -285,3 +285,19 @@ def test_a_long_retry_after_spools_at_once_and_waits_before_asking_again(stub, t
     assert exp.flush(5)  # an explicit flush does try (the server answers 204 now)
     assert stub.written()[-4:] == [f"m,h=n1 v={i} {i}" for i in range(4)]
     exp.shutdown(1)
+
+
+def test_flush_returns_at_once_when_nothing_listens_and_the_spool_keeps_the_points(tmp_path):
+    from provscope.testing.servers import free_port
+
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens here
+    exp = InfluxDBExporter(url, database="db", spool_dir=tmp_path, max_retries=0,
+                           timeout_s=1)
+    assert exp.export(_points(5)) is ExportResult.SUCCESS
+    start = time.monotonic()
+    assert not exp.flush(10)
+    exp.shutdown(10)
+    assert time.monotonic() - start < 2.0
+    again = InfluxDBExporter(url, database="db", spool_dir=tmp_path)
+    assert again.spool is not None and again.spool.pending_count == 5
+    again.shutdown(0.1)
