@@ -596,6 +596,8 @@ class SqlLineageExporter:
             return True
         return False
 
+    _server_gone = False  # the last replay failed because no server answered at all
+
     def _hold(self, batch: Sequence[Any]) -> ExportResult:
         if self.spool is not None and self.spool.append(batch):
             return ExportResult.SUCCESS
@@ -607,6 +609,7 @@ class SqlLineageExporter:
         try:
             self.spool.replay(self._write_replayed)
         except Exception as exc:
+            self._server_gone = _no_server(exc)
             if not self._unavailable(exc):
                 log.exception("lineage spool replay failed")
             self._replay_backoff = min(10.0, max(0.5, self._replay_backoff * 2))
@@ -649,7 +652,9 @@ class SqlLineageExporter:
             if self._replay():
                 return True
             left = deadline - time.monotonic()
-            if left <= 0:
+            if left <= 0 or self._server_gone:
+                # No server at the URL: the records are safe on disk and a later flush or
+                # the next process writes them; waiting would only hold up the caller.
                 return False
             time.sleep(min(0.2, left))
 
@@ -691,6 +696,17 @@ def _spool_key(url: str) -> str:
     if parsed.drivername == "sqlite" and _sqlite_path(parsed):
         return f"sqlite:///{Path(_sqlite_path(parsed)).expanduser().resolve()}"
     return parsed.render_as_string(hide_password=True)
+
+
+_NO_SERVER = ("connection refused", "could not connect", "no route to host",
+              "name or service not known", "could not translate host name")
+
+
+def _no_server(exc: BaseException) -> bool:
+    """True when the database server could not be reached at all (not a lock or a timeout
+    inside a running server)."""
+    text = str(exc).lower()
+    return any(marker in text for marker in _NO_SERVER)
 
 
 def _one_line(exc: BaseException) -> str:

@@ -187,3 +187,20 @@ def test_spooled_batches_left_by_a_stopped_process_are_replayed_by_the_next(tmp_
     assert second.stats()["points_replayed_total"] == 20
     second.shutdown(1)
     assert _counts(url) == (10, 10)
+
+
+def test_flush_returns_at_once_when_no_database_server_answers(tmp_path):
+    from provscope.testing.servers import free_port
+
+    url = f"postgresql://postgres@127.0.0.1:{free_port()}/none"  # nothing listens here
+    exporter = SqlLineageExporter(url, spool_dir=tmp_path / "spool")
+    run_id = new_id()
+    batch = [r for i in range(10) for r in _task_pair(run_id, i)]
+    assert exporter.export(batch) is ExportResult.SUCCESS  # durably spooled
+    start = time.monotonic()
+    assert not exporter.flush(10)
+    exporter.shutdown(10)
+    assert time.monotonic() - start < 3.0
+    stats = exporter.stats()
+    assert stats["points_spooled_total"] == 20
+    assert stats["points_dropped_total"] == 0
