@@ -52,6 +52,26 @@ def test_same_bytes_as_influxdb_client_on_random_points(measurement, tags, field
     assert encode_point(p, ints_as_float=False) == _client_line(p)
 
 
+_FLOATS = st.one_of(
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.floats(min_value=-1e-3, max_value=1e-3),  # around repr's switch to exponents at 1e-4
+    st.floats(min_value=1e15, max_value=1e17),  # and at 1e16
+    st.integers(min_value=-(10**6), max_value=10**6).map(float),  # whole floats: "3", not "3.0"
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(values=st.lists(_FLOATS, min_size=1, max_size=12))
+def test_wide_float_points_format_exactly_like_repr(values):
+    # Points with several floats take the bulk float formatting path.
+    fields = {f"f{i:02d}": v for i, v in enumerate(values)}
+    fields["n"] = 7
+    p = Point("wide", {"host": "n1"}, fields, 1)
+    expected = _client_line(p)
+    assert encode_point(p, ints_as_float=False) == expected
+    assert encode_point(p, ints_as_float=False) == expected  # the cached, compiled encoder
+
+
 @settings(max_examples=100, deadline=None)
 @given(st.lists(st.tuples(st.sampled_from(["gpu", "cpu", "a b"]),
                           st.sampled_from([{"host": "n1"}, {"host": "n 2", "gpu": "0"}]),
