@@ -818,8 +818,9 @@ def watch(
         ``PROVSCOPE_ENABLED=0`` an inactive watcher is returned and no hook is attached.
 
     Raises:
-        ConfigError: bad arguments, or more layers than ``max_layers`` (one line naming the
-            count, the cap and the setting). Raised here, never from the training step.
+        ConfigError: bad arguments (one line naming the argument and what is allowed).
+            Raised here, never from the training step. More layers than ``max_layers`` is
+            not an error: the first ``max_layers`` are watched and one line says so.
 
     Does not block: hooks hand points to the run's non-blocking buffer.
     """

@@ -8,6 +8,7 @@ device, a compact architecture summary) for its ``model`` entity.
 from __future__ import annotations
 
 import fnmatch
+import logging
 import re
 from collections import Counter
 from collections.abc import Sequence
@@ -17,6 +18,8 @@ from typing import Any
 from torch import nn
 
 from provscope.errors import ConfigError
+
+log = logging.getLogger("provscope.torch")
 
 __all__ = ["Layer", "architecture_summary", "describe_model", "select_layers", "unwrap"]
 
@@ -108,9 +111,11 @@ def select_layers(
     dotted name); a pattern also selects pass-through modules.
     TorchScript modules are skipped (hooks do not run inside them).
 
+    More than ``max_layers`` candidates: the first ``max_layers`` are watched and one error
+    line names the count, the cap and the setting.
+
     Raises:
-        ConfigError: bad pattern or depth, or more than ``max_layers`` layers selected
-            (the message names the count, the cap and the setting).
+        ConfigError: bad pattern or depth.
     """
     if depth is not None and (not isinstance(depth, int) or depth < 1):
         raise ConfigError(f"watch(depth=...): {depth!r} is not an integer >= 1")
@@ -134,11 +139,13 @@ def select_layers(
     if not chosen and next(model.parameters(), None) is not None and match is None:
         chosen = [("", model)]  # a model with no submodules is its own single layer
     if len(chosen) > max_layers:
-        raise ConfigError(
-            f"watch(): {len(chosen)} layers selected, more than the cap of {max_layers} "
-            "(setting torch.max_layers / PROVSCOPE_TORCH_MAX_LAYERS, or max_layers=); "
-            "narrow the choice with layers= patterns or depth="
-        )
+        # The layer count depends on the model, not on a mistake in the script: a job must
+        # not fail because its model grew. Watch the first layers and say so, once.
+        log.error(
+            "watch(): %d layers selected, more than the cap of %d (setting torch.max_layers "
+            "/ PROVSCOPE_TORCH_MAX_LAYERS, or max_layers=); watching the first %d; narrow "
+            "the choice with layers= patterns or depth=", len(chosen), max_layers, max_layers)
+        chosen = chosen[:max_layers]
     seen: set[int] = set()
     out = []
     for name, module in chosen:

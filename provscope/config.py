@@ -129,7 +129,7 @@ class ClientConfig(_Model):
 
 class TorchConfig(_Model):
     every: int = Field(10, ge=1, description="Layer statistics every N steps.")
-    max_layers: int = Field(512, ge=1, description="Most layers watched at once; more is an error naming the count and this setting.")
+    max_layers: int = Field(512, ge=1, description="Most layers watched at once; beyond it the first ones are watched and one line names the count and this setting.")
 
 
 class Config(_Model):

@@ -199,13 +199,17 @@ def test_layer_selection_by_pattern_and_depth():
     assert watch(model, emit=lambda r: None).layers == ["0.0", "0.1", "1"]
 
 
-def test_too_many_layers_is_one_line_naming_count_cap_and_setting():
+def test_too_many_layers_watches_the_first_and_logs_one_line_naming_count_cap_setting(caplog):
     model = nn.Sequential(*[nn.Linear(2, 2) for _ in range(6)])
-    with pytest.raises(ConfigError) as info:
-        watch(model, max_layers=4, emit=lambda r: None)
-    text = str(info.value)
+    with caplog.at_level("ERROR"):
+        watcher = watch(model, max_layers=4, emit=lambda r: None)
+    assert watcher.layers == ["0", "1", "2", "3"]
+    lines = [r.getMessage() for r in caplog.records if "layers selected" in r.getMessage()]
+    assert len(lines) == 1
+    text = lines[0]
     assert "\n" not in text
-    assert "6 layers" in text and "4" in text and "torch.max_layers" in text
+    assert "6 layers" in text and "cap of 4" in text and "torch.max_layers" in text
+    watcher.unwatch()
 
 
 @pytest.mark.parametrize(("kwargs", "word"), [
