@@ -25,7 +25,6 @@ import socket
 import tempfile
 import threading
 import time
-import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -34,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 from provscope.agent import framing as fr
 
 from provscope import env
+from provscope.forking import reset_in_child
 from provscope.records import Point
 
 if TYPE_CHECKING:
@@ -315,18 +315,6 @@ def request(path: str | os.PathLike[str], ftype: int, body: Any,
 
 # ============================================================================ client
 
-_CLIENTS: weakref.WeakSet[AgentClient] = weakref.WeakSet()
-
-
-def _after_fork_in_child() -> None:
-    for client in list(_CLIENTS):
-        client._reset_after_fork()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
 class AgentClient:
     """The job's connection to the node agent. Every method is safe to call from any
     thread; none raises; ``submit``/``submit_many`` never block.
@@ -367,7 +355,7 @@ class AgentClient:
         # watching it separately would split the job's series.
         self._watch = True
         self._init_state()
-        _CLIENTS.add(self)
+        reset_in_child(self, AgentClient._reset_after_fork)
         if sock is not None:
             self._send_hello(sock)
 

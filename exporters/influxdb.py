@@ -50,7 +50,6 @@ import re
 import socket
 import time
 import urllib.parse
-import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -60,6 +59,7 @@ from provscope.exporters.lineprotocol import encode_lines
 from provscope.exporters.spool import Spool, SpoolBusy
 
 from provscope.errors import ConfigError
+from provscope.forking import reset_in_child
 
 if TYPE_CHECKING:
     from provscope.config import Config
@@ -215,7 +215,7 @@ class InfluxDBExporter:
         self.batches_failed = 0
         self.last_latency_s = 0.0
         self.spool: Spool | None = self._open_spool(spool_dir, spool_max_bytes)
-        _LIVE.add(self)
+        reset_in_child(self, InfluxDBExporter._forget_after_fork)
 
     @classmethod
     def from_config(cls, config: Config) -> InfluxDBExporter:
@@ -691,18 +691,6 @@ class InfluxDBExporter:
         if now - self._last_log.get(key, -_LOG_EVERY_S) >= _LOG_EVERY_S:
             self._last_log[key] = now
             log.log(level, msg, *args)
-
-
-_LIVE: weakref.WeakSet[InfluxDBExporter] = weakref.WeakSet()
-
-
-def _after_fork_in_child() -> None:
-    for exporter in list(_LIVE):
-        exporter._forget_after_fork()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class _Split(Exception):

@@ -17,7 +17,6 @@ the PostgreSQL driver (psycopg 3) is imported only when such a URL is used.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import importlib.util
 import json
@@ -28,7 +27,6 @@ import os
 import re
 import threading
 import time
-import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -50,6 +48,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine, make_url
 
 from provscope.errors import ConfigError, LineageSchemaError
+from provscope.forking import reset_in_child
 from provscope.records import EntityRecord, RelationRecord, RunRecord, TaskRecord
 
 if TYPE_CHECKING:
@@ -190,22 +189,13 @@ def create_lineage_engine(url: str, *, writer: bool = True,
     """
     parsed = normalize_url(url)
     engine = SCHEMES[parsed.drivername](parsed, writer=writer, busy_timeout_ms=busy_timeout_ms)
-    _ENGINES.add(engine)
+    reset_in_child(engine, _dispose_in_child)
     return engine
 
 
-_ENGINES: weakref.WeakSet[Engine] = weakref.WeakSet()
-
-
-def _after_fork_in_child() -> None:
+def _dispose_in_child(engine: Engine) -> None:
     # Pooled connections belong to the parent; the child opens its own.
-    for engine in list(_ENGINES):
-        with contextlib.suppress(Exception):
-            engine.dispose(close=False)
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+    engine.dispose(close=False)
 
 
 # ----------------------------------------------------------------------------- rows
