@@ -1,6 +1,2 @@
-"""provscope.agent: the node agent (collectors, local ingest, daemon), the pipeline that
-also runs inside jobs, the in-job client and the PyTorch hooks."""
-
-from provscope.agent.pipeline import BatchProcessor, Pipeline
-
-__all__ = ["BatchProcessor", "Pipeline"]
+"""provscope.agent: the node agent daemon: collectors, the sampling scheduler, the local
+ingest server for the jobs on the node, and the daemon that runs them with one pipeline."""

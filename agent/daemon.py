@@ -30,11 +30,12 @@ from provscope.agent.collectors.memory import MemoryCollector
 from provscope.agent.collectors.net import NetCollector
 from provscope.agent.collectors.nvml import NvmlCollector
 from provscope.agent.collectors.process import ProcessCollector, WatchList
-from provscope.agent.ingest import IngestServer, socket_path
-from provscope.agent.pipeline import Pipeline
+from provscope.agent.ingest import IngestServer
 from provscope.agent.scheduler import Scheduled, Scheduler
+from provscope.exporters.pipeline import Pipeline
 
 from provscope.errors import ProvscopeError
+from provscope.wire import socket_path
 
 if TYPE_CHECKING:
     from provscope.exporters.base import Exporter

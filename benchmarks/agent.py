@@ -32,11 +32,12 @@ from pathlib import Path
 
 import _common
 import psutil
-from provscope.agent.ingest import AgentClient, IngestServer
-from provscope.agent.pipeline import Pipeline
+from provscope.agent.ingest import IngestServer
 from provscope.exporters.base import ExportResult
+from provscope.exporters.pipeline import Pipeline
 
 from provscope.config import load_config
+from provscope.job.agent_client import AgentClient
 from provscope.records import Point
 from provscope.testing.servers import InfluxServer
 
@@ -108,8 +109,8 @@ def measure_freshness(sock: Path, server: InfluxServer, db: str, samples: int) -
 _SENDER = r"""
 import sys, time
 sys.path.insert(0, sys.argv[4])
-from provscope.agent.ingest import AgentClient
-from provscope.agent import framing as fr
+from provscope.job.agent_client import AgentClient
+from provscope import wire as fr
 from provscope.records import Point
 path, n, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 tags = [{"host": "bench", "run_id": "r", "rank": str(r), "layer": f"l{r}"} for r in range(8)]

@@ -19,7 +19,7 @@ import time
 
 import _common
 from influxdb_client import Point as ClientPoint
-from provscope.exporters.lineprotocol import encode_batch
+from provscope.exporters.influxdb.lineprotocol import encode_batch
 
 from provscope.records import Point
 

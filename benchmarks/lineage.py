@@ -25,7 +25,7 @@ from pathlib import Path
 
 import _common
 import sqlalchemy as sa
-from provscope.exporters.lineage_sql import SqlLineageStore
+from provscope.exporters.lineage.store import SqlLineageStore
 
 from provscope.ids import new_id
 from provscope.records import RunRecord, TaskRecord

@@ -27,9 +27,9 @@ import urllib.parse
 
 import _common
 from encode import make_narrow_points, make_points
-from provscope.agent.pipeline import Pipeline
-from provscope.exporters.influxdb import InfluxDBExporter
-from provscope.exporters.lineprotocol import encode_batch
+from provscope.exporters.influxdb.lineprotocol import encode_batch
+from provscope.exporters.influxdb.writer import InfluxDBExporter
+from provscope.exporters.pipeline import Pipeline
 
 from provscope.records import Point
 from provscope.testing.servers import InfluxServer

@@ -44,18 +44,18 @@ __all__ = [
 
 # public name -> (module, attribute); attribute None means the module itself.
 _LAZY: dict[str, tuple[str, str | None]] = {
-    "workflow": ("provscope.agent.client", "workflow"),
-    "task": ("provscope.agent.client", "task"),
-    "log": ("provscope.agent.client", "log"),
-    "use": ("provscope.agent.client", "use"),
-    "produce": ("provscope.agent.client", "produce"),
-    "flush": ("provscope.agent.client", "flush"),
-    "current_run": ("provscope.agent.client", "current_run"),
-    "wrap": ("provscope.agent.context", "wrap"),
-    "Run": ("provscope.agent.client", "Run"),
-    "Task": ("provscope.agent.client", "Task"),
-    "watch": ("provscope.agent.torch", "watch"),
-    "unwatch": ("provscope.agent.torch", "unwatch"),
+    "workflow": ("provscope.job.api", "workflow"),
+    "task": ("provscope.job.api", "task"),
+    "log": ("provscope.job.api", "log"),
+    "use": ("provscope.job.api", "use"),
+    "produce": ("provscope.job.api", "produce"),
+    "flush": ("provscope.job.api", "flush"),
+    "current_run": ("provscope.job.api", "current_run"),
+    "wrap": ("provscope.job.context", "wrap"),
+    "Run": ("provscope.job.run", "Run"),
+    "Task": ("provscope.job.run", "Task"),
+    "watch": ("provscope.pytorch.watch", "watch"),
+    "unwatch": ("provscope.pytorch.watch", "unwatch"),
     "query": ("provscope.query", None),
     "Point": ("provscope.records", "Point"),
     "new_id": ("provscope.ids", "new_id"),
@@ -65,9 +65,9 @@ _LAZY: dict[str, tuple[str, str | None]] = {
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from provscope import query
-    from provscope.agent.client import (
-        Run,
-        Task,
+    from provscope.config import Config, load_config
+    from provscope.ids import new_id
+    from provscope.job.api import (
         current_run,
         flush,
         log,
@@ -76,10 +76,9 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         use,
         workflow,
     )
-    from provscope.agent.context import wrap
-    from provscope.agent.torch import unwatch, watch
-    from provscope.config import Config, load_config
-    from provscope.ids import new_id
+    from provscope.job.context import wrap
+    from provscope.job.run import Run, Task
+    from provscope.pytorch.watch import unwatch, watch
     from provscope.records import Point
 
 

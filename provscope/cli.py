@@ -57,20 +57,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_from_args(args: argparse.Namespace, **extra: object):
-    """The validated Config for parsed CLI args (file, env, ``--set``, command flags)."""
-    from provscope.config import load_config
-
-    overrides: dict[str, object] = {}
-    from provscope.config import _split_override
-
-    for text in args.overrides:
-        key, value = _split_override(text)
-        overrides[key] = value
-    overrides.update({k: v for k, v in extra.items() if v is not None})
-    return load_config(args.config, overrides=overrides)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``provscope`` console script. Returns the exit code."""
     parser = build_parser()

@@ -279,7 +279,7 @@ def load_config(
     if overrides:
         items = (
             overrides.items() if isinstance(overrides, Mapping)
-            else (_split_override(o) for o in overrides)
+            else (split_override(o) for o in overrides)
         )
         for key, value in items:
             if key not in _leaves(Config):
@@ -293,7 +293,7 @@ def load_config(
         raise ConfigError(_one_line(exc, source)) from None
 
 
-def _split_override(text: str) -> tuple[str, Any]:
+def split_override(text: str) -> tuple[str, Any]:
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. influxdb.url=http://127.0.0.1:8086")

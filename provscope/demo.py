@@ -100,9 +100,9 @@ def _model(torch: Any, vocab: int, h: Hyper) -> Any:
 
 
 def _torch_hooks() -> Any:
-    """``provscope.agent.torch`` (layer hooks) when installed, else None."""
+    """``provscope.pytorch.watch`` (layer hooks) when installed, else None."""
     try:
-        from provscope.agent import torch as hooks
+        from provscope.pytorch import watch as hooks
     except ImportError:
         return None
     return hooks

@@ -69,7 +69,7 @@ def _config(config: Config | None) -> Config:
 
 @functools.lru_cache(maxsize=16)
 def _engine(url: str) -> sa.Engine:
-    from provscope.exporters.lineage_sql import create_lineage_engine
+    from provscope.exporters.lineage.store import create_lineage_engine
 
     return create_lineage_engine(url, writer=False)
 
@@ -88,14 +88,14 @@ def _lineage_engine(config: Config) -> sa.Engine | None:
 
 
 def _columns(table: str) -> list[str]:
-    from provscope.exporters.lineage_schema import METADATA
+    from provscope.exporters.lineage.schema import METADATA
 
     return [c.name for c in METADATA.tables[table].columns]
 
 
 def _dtypes(table: str) -> dict[str, str]:
     """Nullable pandas dtypes for the numeric and boolean columns of a table."""
-    from provscope.exporters.lineage_schema import METADATA
+    from provscope.exporters.lineage.schema import METADATA
 
     out = {}
     for col in METADATA.tables[table].columns:
@@ -110,7 +110,7 @@ def _dtypes(table: str) -> dict[str, str]:
 
 def _frame(config: Config, table: str, statement: str, params: Mapping[str, Any],
            extra: tuple[str, ...] = ()) -> pd.DataFrame:
-    from provscope.exporters.lineage_schema import JSON_COLUMNS, TIME_COLUMNS
+    from provscope.exporters.lineage.schema import JSON_COLUMNS, TIME_COLUMNS
 
     columns = _columns(table) + list(extra)
     engine = _lineage_engine(config)

@@ -20,7 +20,7 @@ def test_every_public_name_resolves():
 
 def test_importing_provscope_loads_neither_torch_nor_the_client():
     code = ("import sys, provscope; "
-            "print('torch' in sys.modules, 'provscope.agent.client' in sys.modules)")
+            "print('torch' in sys.modules, 'provscope.job.api' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, timeout=60).stdout.split()
     assert out == ["False", "False"]

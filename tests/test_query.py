@@ -6,9 +6,9 @@ import urllib.request
 
 import pandas as pd
 import pytest
-from provscope.agent.pipeline import Pipeline
 from provscope.exporters.embedded import EmbeddedPointsExporter
-from provscope.exporters.lineage_sql import SqlLineageStore
+from provscope.exporters.lineage.store import SqlLineageStore
+from provscope.exporters.pipeline import Pipeline
 
 from provscope import query
 from provscope.config import load_config

@@ -56,7 +56,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _config(args: argparse.Namespace):
-    from provscope.cli import load_from_args
+    from provscope.commands import load_from_args
 
     extra: dict[str, object] = {"agent.socket_path": getattr(args, "socket", None)}
     if getattr(args, "interval", None) is not None:
@@ -111,7 +111,7 @@ def _foreground(config, ready_fd: int | None = None) -> int:
 
 
 def _detach(config) -> int:
-    from provscope.agent.ingest import socket_path
+    from provscope.wire import socket_path
 
     sock = socket_path(config)
     log_path = sock.with_name("agent.log")
@@ -155,7 +155,7 @@ def _detach(config) -> int:
 
 def run_stop(args: argparse.Namespace) -> int:
     from provscope.agent.daemon import read_pid
-    from provscope.agent.ingest import socket_path
+    from provscope.wire import socket_path
 
     sock = socket_path(_config(args))
     pid = read_pid(sock)
@@ -193,8 +193,8 @@ def _alive(pid: int) -> bool:
 
 
 def run_status(args: argparse.Namespace) -> int:
-    from provscope.agent import framing
-    from provscope.agent.ingest import request, socket_path
+    from provscope import wire as framing
+    from provscope.wire import request, socket_path
 
     sock = socket_path(_config(args))
     try:

@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
         for var, key in env_names().items():
             print(f"{var:55s} {key}")
         return 0
-    from provscope.cli import load_from_args
+    from provscope.commands import load_from_args
 
     config = load_from_args(args)
     print(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), end="")

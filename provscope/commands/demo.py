@@ -8,6 +8,7 @@ send them to InfluxDB and PostgreSQL instead.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import re
 import time
 from pathlib import Path
@@ -65,7 +66,7 @@ def _safe_url(url: str) -> str:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from provscope.cli import load_from_args
+    from provscope.commands import load_from_args
 
     start = time.perf_counter()
     if args.influx_url and not re.match(r"^https?://", args.influx_url):
@@ -76,9 +77,7 @@ def run_demo(args: argparse.Namespace) -> int:
                           "postgresql://user@host:port/db or sqlite:///path.db")
     config = load_from_args(args, **{"influxdb.url": args.influx_url,
                                      "lineage.url": args.lineage_url})
-    try:
-        import torch  # noqa: F401 - only to give a clear message when it is missing
-    except ImportError:
+    if importlib.util.find_spec("torch") is None:
         raise ProvscopeError("provscope demo needs PyTorch; install it with "
                              "pip install 'provscope[torch]'") from None
     from provscope.demo import train

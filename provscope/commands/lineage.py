@@ -128,7 +128,7 @@ def _records(df: Any) -> list[dict[str, Any]]:
 def run_runs(args: argparse.Namespace) -> int:
     """``provscope runs``: print the recent runs. Returns the exit code."""
     from provscope import query
-    from provscope.cli import load_from_args
+    from provscope.commands import load_from_args
 
     config = load_from_args(args, **{"lineage.url": args.lineage_url})
     df = query.runs(limit=args.limit or None, config=config)
@@ -151,7 +151,7 @@ def run_runs(args: argparse.Namespace) -> int:
 def run_show(args: argparse.Namespace) -> int:
     """``provscope show``: print one run. Unknown or ambiguous id: ProvscopeError (exit 1)."""
     from provscope import query
-    from provscope.cli import load_from_args
+    from provscope.commands import load_from_args
 
     config = load_from_args(args, **{"lineage.url": args.lineage_url})
     run_id = query.resolve_run_id(args.run_id, config=config)

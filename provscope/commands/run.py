@@ -45,14 +45,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from provscope import env
-    from provscope.agent import framing
+    from provscope import wire as framing
     from provscope.agent.collectors.process import ProcessTree
     from provscope.agent.daemon import Agent, AgentAlreadyRunning
-    from provscope.agent.ingest import AgentClient, request, socket_path
-    from provscope.cli import load_from_args
+    from provscope.commands import load_from_args
     from provscope.errors import ProvscopeError
     from provscope.ids import new_id
+    from provscope.job.agent_client import AgentClient
     from provscope.records import RunRecord, TaskRecord
+    from provscope.wire import request, socket_path
 
     cmd = list(args.cmd)
     if cmd and cmd[0] == "--":
@@ -77,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
             # go straight to the stores; node and process telemetry are missing.
             print(f"provscope: no agent ({exc}); running without node telemetry",
                   file=sys.stderr)
-            from provscope.agent.pipeline import Pipeline
+            from provscope.exporters.pipeline import Pipeline
 
             client = Pipeline.from_config(config)
         if client is None:

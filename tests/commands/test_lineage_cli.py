@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from provscope.exporters.lineage_sql import SqlLineageStore
+from provscope.exporters.lineage.store import SqlLineageStore
 
 from provscope.cli import main
 from provscope.commands.lineage import format_bytes, format_duration

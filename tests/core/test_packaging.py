@@ -41,7 +41,7 @@ def test_wheel_installs_into_a_clean_venv_and_runs(tmp_path):
     probe = subprocess.run(
         [str(py), "-c", "import importlib.util as u; "
          "print(u.find_spec('agent'), u.find_spec('exporters'), "
-         "u.find_spec('provscope.agent.pipeline') is not None)"],
+         "u.find_spec('provscope.exporters.pipeline') is not None)"],
         check=True, capture_output=True, text=True, timeout=60, cwd=tmp_path,
     )
     assert probe.stdout.split() == ["None", "None", "True"]

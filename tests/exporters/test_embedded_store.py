@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 import sqlite3
 
-from provscope.agent.pipeline import Pipeline
 from provscope.exporters.base import ExportResult
 from provscope.exporters.embedded import EmbeddedPointsExporter
+from provscope.exporters.pipeline import Pipeline
 
 from provscope import query
 from provscope.config import load_config

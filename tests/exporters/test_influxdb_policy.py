@@ -14,7 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from provscope.exporters.base import ExportResult
-from provscope.exporters.influxdb import InfluxDBExporter
+from provscope.exporters.influxdb.writer import InfluxDBExporter
 
 from provscope.records import Point
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import threading
 import time
 
-from provscope.agent.pipeline import Pipeline
 from provscope.exporters.base import ExportResult
-from provscope.exporters.influxdb import InfluxDBExporter
+from provscope.exporters.influxdb.writer import InfluxDBExporter
+from provscope.exporters.pipeline import Pipeline
 
 from provscope.records import Point
 from provscope.testing.servers import free_port

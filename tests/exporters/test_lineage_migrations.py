@@ -7,14 +7,14 @@ import logging
 import pytest
 import sqlalchemy as sa
 from provscope.exporters.base import ExportResult
-from provscope.exporters.lineage_schema import (
+from provscope.exporters.lineage.schema import (
     METADATA,
     SCHEMA_VERSION,
     SCHEMA_VERSION_TABLE,
     current_version,
     migrate,
 )
-from provscope.exporters.lineage_sql import (
+from provscope.exporters.lineage.store import (
     SqlLineageExporter,
     SqlLineageStore,
     create_lineage_engine,

@@ -9,9 +9,9 @@ import time
 
 import pytest
 import sqlalchemy as sa
-from provscope.agent.pipeline import Pipeline
 from provscope.exporters.base import ExportResult
-from provscope.exporters.lineage_sql import SqlLineageExporter
+from provscope.exporters.lineage.store import SqlLineageExporter
+from provscope.exporters.pipeline import Pipeline
 
 from provscope.ids import new_id
 from provscope.records import RunRecord, TaskRecord

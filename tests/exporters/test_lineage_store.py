@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from provscope.exporters.base import ExportResult
-from provscope.exporters.lineage_sql import SqlLineageExporter, SqlLineageStore
+from provscope.exporters.lineage.store import SqlLineageExporter, SqlLineageStore
 
 from provscope.ids import new_id
 from provscope.records import EntityRecord, RelationRecord, RunRecord, TaskRecord
@@ -127,7 +127,7 @@ def test_json_columns_round_trip_nested_values_and_replace_nan(store):
     store.write([EntityRecord(new_id(), "model", attributes={"params": 12345, "ok": None})])
     with store.engine.connect() as conn:
         row = conn.execute(sa.select(sa.text("*")).select_from(sa.table("runs"))).mappings().one()
-        from provscope.exporters.lineage_schema import ENTITIES, RUNS
+        from provscope.exporters.lineage.schema import ENTITIES, RUNS
 
         typed = conn.execute(sa.select(RUNS.c.config, RUNS.c.environment)).one()
         attrs = conn.execute(sa.select(ENTITIES.c.attributes)).scalar_one()
@@ -146,7 +146,7 @@ def test_non_serialisable_json_values_are_summarised_not_rejected(store):
             return "<Opaque>"
 
     store.write([TaskRecord(new_id(), run_id, params={"obj": Opaque(), "inf": math.inf})])
-    from provscope.exporters.lineage_schema import TASKS
+    from provscope.exporters.lineage.schema import TASKS
 
     with store.engine.connect() as conn:
         params = conn.execute(sa.select(TASKS.c.params)).scalar_one()
@@ -209,7 +209,7 @@ def _partial_records(draw):
 def test_database_merge_equals_applying_records_one_by_one(case):
     import tempfile
 
-    from provscope.exporters.lineage_sql import _merge_into
+    from provscope.exporters.lineage.store import _merge_into
 
     fields, cuts = case
     run_id, task_id = "run", "task"
@@ -241,7 +241,7 @@ def test_large_batches_merge_in_either_order(store, end_first):
     for batch in ([ends, starts] if end_first else [starts, ends]):
         store.write(batch)
     store.write(starts + ends)  # re-delivered: no change
-    from provscope.exporters.lineage_schema import TASKS
+    from provscope.exporters.lineage.schema import TASKS
 
     with store.engine.connect() as conn:
         got = conn.execute(sa.select(TASKS.c.params, TASKS.c.result)).all()

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from influxdb_client import Point as ClientPoint
-from provscope.exporters.lineprotocol import encode_batch, encode_lines, encode_point
+from provscope.exporters.influxdb.lineprotocol import encode_batch, encode_lines, encode_point
 
 from provscope.records import Point
 

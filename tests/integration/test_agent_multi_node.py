@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 from provscope.agent.daemon import Agent
-from provscope.agent.ingest import AgentClient
 
 from provscope.config import load_config
 from provscope.ids import new_id
+from provscope.job.agent_client import AgentClient
 from provscope.records import Point, RunRecord, TaskRecord
 
 pytestmark = pytest.mark.integration

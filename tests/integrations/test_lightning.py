@@ -10,13 +10,13 @@ import pytest
 
 torch = pytest.importorskip("torch")
 pl = pytest.importorskip("lightning.pytorch")
-from provscope.agent.integrations.lightning import ProvscopeCallback  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 import provscope  # noqa: E402
 from provscope import query  # noqa: E402
 from provscope.config import load_config  # noqa: E402
+from provscope.integrations.lightning import ProvscopeCallback  # noqa: E402
 
 pytestmark = [
     pytest.mark.torch,

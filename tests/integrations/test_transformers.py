@@ -11,10 +11,9 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")  # Trainer needs it
 
-from provscope.agent.integrations.transformers import ProvscopeTrainerCallback  # noqa: E402
-
 from provscope import query  # noqa: E402
 from provscope.config import load_config  # noqa: E402
+from provscope.integrations.transformers import ProvscopeTrainerCallback  # noqa: E402
 
 pytestmark = [
     pytest.mark.torch,

@@ -7,11 +7,12 @@ import os
 import time
 
 import pytest
-from provscope.agent import client, sink
 
 import provscope
 from provscope import query
 from provscope.config import load_config
+from provscope.job import api as client
+from provscope.job import sink
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 

@@ -36,12 +36,12 @@ from functools import partial
 from typing import Any
 
 import torch
-from provscope.agent import torch_stats as ts
-from provscope.agent.torch_model import Layer, describe_model, select_layers, unwrap
 from torch import nn
 
 from provscope.errors import ConfigError
 from provscope.ids import new_id
+from provscope.pytorch import stats as ts
+from provscope.pytorch.model import Layer, describe_model, select_layers, unwrap
 from provscope.records import EntityRecord, Point, RelationRecord
 
 __all__ = ["Watcher", "unwatch", "watch", "watched"]
@@ -62,7 +62,7 @@ def _current_run() -> Any:
     """The active run; outside any workflow the implicit run, as for ``provscope.log``;
     None when provscope is disabled (``PROVSCOPE_ENABLED=0``) or unavailable."""
     try:
-        from provscope.agent import client
+        from provscope.job import api as client
     except ImportError:
         return None
     try:
@@ -867,7 +867,7 @@ def _discard(record: Any) -> None:
 
 def _enabled() -> bool:
     try:
-        from provscope.agent.client import enabled
+        from provscope.job.api import enabled
     except ImportError:
         return True
     return enabled()

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import sqlalchemy as sa
 from provscope.exporters.base import ExportResult
-from provscope.exporters.lineage_schema import (
+from provscope.exporters.lineage.schema import (
     ENTITIES,
     JSON_COLUMNS,
     RELATIONS,
@@ -43,7 +43,7 @@ from provscope.exporters.lineage_schema import (
     TIME_COLUMNS,
     migrate,
 )
-from provscope.exporters.lineage_spool import LineageSpool, default_spool_root
+from provscope.exporters.lineage.spool import LineageSpool, default_spool_root
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine, make_url
 

@@ -8,10 +8,10 @@ import os
 import pytest
 
 torch = pytest.importorskip("torch")
-from provscope.agent import torch_stats  # noqa: E402
-from provscope.agent.torch import watch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from provscope.pytorch import stats as torch_stats  # noqa: E402
+from provscope.pytorch.watch import watch  # noqa: E402
 from provscope.records import EntityRecord, Point  # noqa: E402
 from provscope.testing.servers import free_port  # noqa: E402
 

@@ -6,11 +6,12 @@ from __future__ import annotations
 import os
 
 import pytest
-from provscope.agent import client, sink
 
 import provscope
 from provscope import query
 from provscope.config import load_config
+from provscope.job import api as client
+from provscope.job import sink
 
 
 @pytest.fixture(autouse=True)

@@ -304,11 +304,11 @@ class Pipeline:
         Raises:
             ConfigError: a URL or setting the exporters cannot use.
         """
-        from provscope.exporters.lineage_sql import SqlLineageExporter
+        from provscope.exporters.lineage.store import SqlLineageExporter
 
         exporters: list[Exporter] = []
         if config.influxdb.url:
-            from provscope.exporters.influxdb import InfluxDBExporter
+            from provscope.exporters.influxdb.writer import InfluxDBExporter
 
             exporters.append(InfluxDBExporter.from_config(config))
         else:

@@ -31,12 +31,21 @@ stream goes on with the next frame.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import socket
 import struct
+import tempfile
+import time
 from collections.abc import Iterator, Sequence
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from provscope.records import Point, record_from_dict
+
+if TYPE_CHECKING:
+    from provscope.config import Config
 
 __all__ = [
     "ACK",
@@ -229,3 +238,43 @@ class FrameDecoder:
     def pending(self) -> int:
         """Bytes of an incomplete frame held (non-zero at close: a truncated frame)."""
         return len(self._buf)
+
+
+# ----------------------------------------------------------------------------- socket
+
+def default_socket_path() -> Path:
+    """``$XDG_RUNTIME_DIR/provscope/agent.sock``, else ``<tmp>/provscope-<uid>/agent.sock``."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime and os.path.isdir(runtime):
+        return Path(runtime) / "provscope" / "agent.sock"
+    return Path(tempfile.gettempdir()) / f"provscope-{os.getuid()}" / "agent.sock"
+
+
+def socket_path(config: Config) -> Path:
+    """The socket path the config names, else the default."""
+    p = config.agent.socket_path
+    return Path(p).expanduser() if p else default_socket_path()
+
+
+def request(path: str | os.PathLike[str], ftype: int, body: Any,
+            timeout_s: float = 2.0) -> Any:
+    """Send one frame and wait for the agent's single answer frame (STATUS, WATCH).
+
+    Blocks up to ``timeout_s``. Raises ``OSError`` when no agent answers.
+    """
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout_s)
+    try:
+        s.connect(str(path))
+        s.sendall(encode_json(ftype, body) if body is not None else encode_frame(ftype, b""))
+        decoder = FrameDecoder()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            data = s.recv(65536)
+            if not data:
+                break
+            for _, reply in decoder.feed(data):
+                return decode_json(reply)
+        raise OSError(errno.ECONNRESET, f"no answer from the agent at {path}")
+    finally:
+        s.close()

@@ -11,14 +11,15 @@ import sys
 import time
 
 import pytest
-from provscope.agent import framing as fr
 from provscope.agent.daemon import Agent, AgentAlreadyRunning, pidfile_path
-from provscope.agent.ingest import AgentClient, request
-from provscope.agent.pipeline import Pipeline
 from provscope.exporters.memory import MemoryExporter
+from provscope.exporters.pipeline import Pipeline
 
+from provscope import wire as fr
 from provscope.config import load_config
+from provscope.job.agent_client import AgentClient
 from provscope.records import Point
+from provscope.wire import request
 
 
 def _config(sock_path, tmp_path, **kw):
@@ -184,7 +185,7 @@ def test_run_without_a_command_says_how_to_use_it(sock_path, tmp_path):
 
 _RANK = """
 import os, sys, time
-from provscope.agent.ingest import AgentClient
+from provscope.job.agent_client import AgentClient
 from provscope.config import load_config
 from provscope.records import Point
 client = AgentClient.try_connect(load_config())

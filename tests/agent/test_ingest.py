@@ -13,11 +13,13 @@ import time
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from provscope.agent import framing as fr
-from provscope.agent.ingest import AgentClient, IngestServer, default_socket_path, request
+from provscope.agent.ingest import IngestServer
 
+from provscope import wire as fr
 from provscope.config import load_config
+from provscope.job.agent_client import AgentClient
 from provscope.records import Point, RelationRecord, RunRecord, TaskRecord
+from provscope.wire import default_socket_path, request
 
 
 class Received:

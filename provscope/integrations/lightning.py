@@ -29,7 +29,7 @@ try:
 except ImportError:  # the pre-2.0 package name
     from pytorch_lightning.callbacks import Callback
 
-from provscope.agent.integrations._session import Session
+from provscope.integrations._session import Session
 
 __all__ = ["ProvscopeCallback"]
 

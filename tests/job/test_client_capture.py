@@ -9,7 +9,8 @@ import subprocess
 import sys
 
 import pytest
-from provscope.agent import capture
+
+from provscope.job import capture
 
 
 class Hostile:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import threading
 import time
 
-from provscope.agent.pipeline import BatchProcessor, Pipeline
 from provscope.exporters.base import ExportResult
 from provscope.exporters.memory import MemoryExporter
+from provscope.exporters.pipeline import BatchProcessor, Pipeline
 
 from provscope.records import Point, TaskRecord
 

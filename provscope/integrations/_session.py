@@ -83,7 +83,7 @@ class Session:
     def start(self, default_name: str, hparams: Any = None) -> None:
         """Use the current run, or open one (rank-aware through the run itself)."""
         try:
-            from provscope.agent.client import current_run, workflow
+            from provscope.job.api import current_run, workflow
 
             run = current_run()
             if run is None or getattr(run, "implicit", False):
@@ -131,7 +131,7 @@ class Session:
         if self.run is None or self.watcher is not None or not self.watch_layers:
             return
         try:
-            from provscope.agent.torch import watch
+            from provscope.pytorch.watch import watch
 
             self.watcher = watch(model, every=self.every, layers=self.layers,
                                  depth=self.depth, optimizer=unwrap_optimizer(optimizer),

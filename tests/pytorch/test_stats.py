@@ -8,7 +8,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from provscope.agent import torch_stats as ts  # noqa: E402
+from provscope.pytorch import stats as ts  # noqa: E402
 
 pytestmark = pytest.mark.torch
 

@@ -19,8 +19,8 @@ from provscope.agent.collectors.memory import MemoryCollector
 from provscope.agent.collectors.net import NetCollector
 from provscope.agent.collectors.nvml import NvmlCollector
 from provscope.agent.collectors.process import ProcessCollector, Watched, WatchList
-from provscope.agent.pipeline import Pipeline
 from provscope.exporters.memory import MemoryExporter
+from provscope.exporters.pipeline import Pipeline
 
 from provscope.errors import CollectorUnavailable
 

@@ -8,11 +8,11 @@ import os
 import pytest
 
 torch = pytest.importorskip("torch")
-from provscope.agent.torch import unwatch, watch, watched  # noqa: E402
 from torch import nn  # noqa: E402
 
 from provscope import catalogue  # noqa: E402
 from provscope.errors import ConfigError  # noqa: E402
+from provscope.pytorch.watch import unwatch, watch, watched  # noqa: E402
 from provscope.records import EntityRecord, Point  # noqa: E402
 
 pytestmark = pytest.mark.torch

@@ -7,11 +7,12 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from provscope.agent import client, sink
-from provscope.agent.pipeline import Pipeline
 from provscope.exporters.memory import MemoryExporter
+from provscope.exporters.pipeline import Pipeline
 
 import provscope
+from provscope.job import api as client
+from provscope.job import sink
 from provscope.records import EntityRecord, Point, RelationRecord, RunRecord, TaskRecord
 
 ENV = ("PROVSCOPE_RUN_ID", "PROVSCOPE_PARENT_TASK_ID", "PROVSCOPE_RANK", "RANK",

@@ -55,7 +55,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from provscope.exporters.base import ExportResult
-from provscope.exporters.lineprotocol import encode_lines
+from provscope.exporters.influxdb.lineprotocol import encode_lines
 from provscope.exporters.spool import Spool, SpoolBusy
 
 from provscope.errors import ConfigError

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
-    from provscope.agent.client import Run
+    from provscope.job.api import Run
 
 __all__ = [
     "UNSET",

@@ -26,8 +26,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from provscope.agent.integrations._session import Session
 from transformers import TrainerCallback
+
+from provscope.integrations._session import Session
 
 __all__ = ["ProvscopeTrainerCallback"]
 

@@ -58,7 +58,7 @@ class _Drop:
 
 def _default_factory(config: Config) -> tuple[str, Any]:
     try:
-        from provscope.agent.ingest import AgentClient
+        from provscope.job.agent_client import AgentClient
     except ImportError:
         AgentClient = None
     if AgentClient is not None:
@@ -71,7 +71,7 @@ def _default_factory(config: Config) -> tuple[str, Any]:
             return "agent", client
     if config.client.no_agent == "drop":
         return "drop", _Drop("no agent and client.no_agent=drop")
-    from provscope.agent.pipeline import Pipeline
+    from provscope.exporters.pipeline import Pipeline
 
     return "embedded", Pipeline.from_config(config)
 
@@ -316,7 +316,7 @@ def _after_fork_in_child() -> None:
     _registry_lock = threading.Lock()
     _child_finalizer = False
     _parent_pid = -1  # any sink started from now on belongs to a child process
-    from provscope.agent import capture, context
+    from provscope.job import capture, context
 
     capture.reset_after_fork()
     context.reset_after_fork()
