@@ -304,7 +304,7 @@ class Pipeline:
         Raises:
             ConfigError: a URL or setting the exporters cannot use.
         """
-        from provscope.exporters.lineage.store import SqlLineageExporter
+        from provscope.exporters.lineage.exporter import SqlLineageExporter
 
         exporters: list[Exporter] = []
         if config.influxdb.url:

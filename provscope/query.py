@@ -69,7 +69,7 @@ def _config(config: Config | None) -> Config:
 
 @functools.lru_cache(maxsize=16)
 def _engine(url: str) -> sa.Engine:
-    from provscope.exporters.lineage.store import create_lineage_engine
+    from provscope.exporters.lineage.engine import create_lineage_engine
 
     return create_lineage_engine(url, writer=False)
 

@@ -1,3 +1,3 @@
-"""Lineage to a relational store: the schema and its migrations (``schema``), the merging
-store and its exporter (``store``), and the spool used while the database is away
-(``spool``)."""
+"""Lineage to a relational store: the schema and its migrations (``schema``), URLs and
+engines (``engine``), the merging store (``store``), its pipeline exporter
+(``exporter``), and the spool used while the database is away (``spool``)."""

@@ -1,4 +1,4 @@
-"""The SQL lineage store (SQLite or PostgreSQL) and its pipeline exporter.
+"""The SQL lineage store (SQLite or PostgreSQL): lineage records to rows, merged.
 
 ``SqlLineageStore(url)`` writes run, task, entity and relation records with idempotent,
 merging upserts: records with the same id become one row, the non-null fields of the
@@ -9,30 +9,21 @@ start record keeps ``finished``). Relations are deduplicated on
 (relation, subject_id, object_id, role).
 
 Each batch is first merged in memory (one row per id), then written in ONE transaction
-with one ``executemany`` per table.
-
-The store is chosen by URL scheme (``sqlite:///path.db``, ``postgresql://user@host/db``);
-the PostgreSQL driver (psycopg 3) is imported only when such a URL is used.
+with one ``executemany`` per table. URLs and engines: ``engine``; the pipeline exporter
+around this store: ``exporter``.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import importlib.util
-import json
-import logging
 import math
 import operator
-import os
 import re
-import threading
-import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any
 
 import sqlalchemy as sa
-from provscope.exporters.base import ExportResult
+from provscope.exporters.lineage.engine import create_lineage_engine, json_dumps
 from provscope.exporters.lineage.schema import (
     ENTITIES,
     JSON_COLUMNS,
@@ -43,159 +34,14 @@ from provscope.exporters.lineage.schema import (
     TIME_COLUMNS,
     migrate,
 )
-from provscope.exporters.lineage.spool import LineageSpool, default_spool_root
-from sqlalchemy import exc as sa_exc
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import Engine
 
-from provscope.errors import ConfigError, LineageSchemaError
-from provscope.forking import reset_in_child
 from provscope.records import EntityRecord, RelationRecord, RunRecord, TaskRecord
 
-if TYPE_CHECKING:
-    from provscope.config import Config
-
-__all__ = [
-    "SCHEMES",
-    "SqlLineageExporter",
-    "SqlLineageStore",
-    "create_lineage_engine",
-    "normalize_url",
-]
-
-log = logging.getLogger("provscope.lineage")
+__all__ = ["SqlLineageStore"]
 
 _UTC = dt.UTC
 _STAGE_MIN_ROWS = 32  # PostgreSQL: fewer rows go through executemany, more through COPY
-
-
-# ----------------------------------------------------------------------------- JSON
-
-def _clean(value: Any) -> Any:
-    """JSON-able copy: NaN/inf become None (PostgreSQL's jsonb rejects them), others repr."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, str | int | bool) or value is None:
-        return value
-    if isinstance(value, Mapping):
-        return {str(k): _clean(v) for k, v in value.items()}
-    if isinstance(value, list | tuple | set | frozenset):
-        return [_clean(v) for v in value]
-    text = repr(value)
-    return text if len(text) <= 200 else text[:197] + "..."
-
-
-_ENCODER = json.JSONEncoder(allow_nan=False, separators=(",", ":"))
-
-
-def _dumps(value: Any) -> str:
-    try:
-        return _ENCODER.encode(value)
-    except (TypeError, ValueError):
-        return _ENCODER.encode(_clean(value))
-
-
-# ----------------------------------------------------------------------------- URLs / engines
-
-def _sqlite_path(url: sa.URL) -> str | None:
-    db = url.database
-    return None if not db or db == ":memory:" else db
-
-
-def _sqlite_engine(url: sa.URL, *, writer: bool, busy_timeout_ms: int) -> Engine:
-    path = _sqlite_path(url)
-    if writer and path:
-        Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
-    kwargs: dict[str, Any] = {
-        "connect_args": {"check_same_thread": False, "timeout": busy_timeout_ms / 1000},
-        "json_serializer": _dumps,
-    }
-    if path is None:
-        kwargs["poolclass"] = sa.pool.StaticPool  # one shared in-memory database
-    engine = sa.create_engine(url, **kwargs)
-
-    @sa.event.listens_for(engine, "connect")
-    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
-        # We issue BEGIN ourselves (below); pysqlite's implicit transactions do not cover DDL.
-        dbapi_conn.isolation_level = None
-        cur = dbapi_conn.cursor()
-        cur.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
-        if path is not None:
-            # WAL: the points writer, the lineage writer and readers share one file.
-            cur.execute("PRAGMA journal_mode = WAL")
-            cur.execute("PRAGMA synchronous = NORMAL")
-        cur.close()
-
-    @sa.event.listens_for(engine, "begin")
-    def _on_begin(conn: Any) -> None:
-        # Writers take the write lock at BEGIN: a deferred transaction that upgrades from
-        # read to write gets SQLITE_BUSY at once instead of waiting on busy_timeout.
-        conn.exec_driver_sql("BEGIN IMMEDIATE" if writer else "BEGIN")
-
-    return engine
-
-
-def _postgres_engine(url: sa.URL, *, writer: bool, busy_timeout_ms: int) -> Engine:
-    if importlib.util.find_spec("psycopg") is None:
-        raise ConfigError("lineage URL is PostgreSQL but psycopg is not installed; "
-                          "pip install 'provscope[postgres]'")
-    return sa.create_engine(
-        url.set(drivername="postgresql+psycopg"),
-        pool_pre_ping=True,  # a restarted server leaves dead pooled connections behind
-        pool_size=2,
-        max_overflow=2,
-        connect_args={"connect_timeout": max(1, busy_timeout_ms // 1000)},
-        json_serializer=_dumps,
-    )
-
-
-#: URL scheme -> engine factory. ``postgresql://`` maps to the psycopg 3 driver.
-SCHEMES: dict[str, Callable[..., Engine]] = {
-    "sqlite": _sqlite_engine,
-    "postgresql": _postgres_engine,
-    "postgres": _postgres_engine,
-    "postgresql+psycopg": _postgres_engine,
-}
-
-
-def normalize_url(url: str) -> sa.URL:
-    """Parse a lineage URL and check its scheme.
-
-    Raises:
-        ConfigError: not a URL, or a scheme other than sqlite / postgresql.
-    """
-    try:
-        parsed = make_url(url)
-    except sa_exc.ArgumentError:
-        raise ConfigError(f"lineage URL {url!r} is not a URL; use sqlite:///PATH.db or "
-                          "postgresql://USER@HOST:PORT/DB") from None
-    if parsed.drivername not in SCHEMES:
-        raise ConfigError(f"lineage URL {url!r}: scheme {parsed.drivername!r} is not supported; "
-                          "use sqlite:///PATH.db or postgresql://USER@HOST:PORT/DB")
-    return parsed
-
-
-def create_lineage_engine(url: str, *, writer: bool = True,
-                          busy_timeout_ms: int = 2000) -> Engine:
-    """A SQLAlchemy engine for a lineage URL (sqlite:///..., postgresql://...).
-
-    Args:
-        url: the lineage URL.
-        writer: SQLite only: create the parent directory and take the write lock at BEGIN.
-        busy_timeout_ms: how long a statement waits on a locked SQLite file, and the
-            PostgreSQL connect timeout (rounded to seconds).
-
-    Raises:
-        ConfigError: unsupported scheme or missing driver.
-    """
-    parsed = normalize_url(url)
-    engine = SCHEMES[parsed.drivername](parsed, writer=writer, busy_timeout_ms=busy_timeout_ms)
-    reset_in_child(engine, _dispose_in_child)
-    return engine
-
-
-def _dispose_in_child(engine: Engine) -> None:
-    # Pooled connections belong to the parent; the child opens its own.
-    engine.dispose(close=False)
 
 
 # ----------------------------------------------------------------------------- rows
@@ -372,7 +218,7 @@ class _CompiledUpsert:
             for c in json_cols:
                 v = r[c]
                 if v is not None:
-                    r[c] = _dumps(v)
+                    r[c] = json_dumps(v)
             for ns, ts in times:
                 r[ts] = to_ts(r[ns])
         get = self._get
@@ -474,239 +320,3 @@ class SqlLineageStore:
     def close(self) -> None:
         """Close pooled connections."""
         self.engine.dispose()
-
-
-# ----------------------------------------------------------------------------- exporter
-
-def _retryable(exc: BaseException) -> bool:
-    if isinstance(exc, sa_exc.OperationalError | sa_exc.InterfaceError | sa_exc.TimeoutError):
-        return True
-    return isinstance(exc, sa_exc.DBAPIError) and bool(exc.connection_invalidated)
-
-
-class SqlLineageExporter:
-    """Pipeline exporter writing lineage records to a ``SqlLineageStore``.
-
-    Failure policy:
-      - database locked, unreachable or restarting, or of a newer schema version: the batch
-        goes to the on-disk spool (``spool_dir``) and counts as accepted; later batches
-        follow it there (order kept) until a replay succeeds. Replays are attempted with a
-        backoff (0.5 s doubling to 10 s) and on ``flush``. Without a spool (``spool_dir``
-        None, or unusable) the answer is ``RETRY``: the batch stays in the pipeline's
-        bounded queue. A warning is logged at most once a minute (the newer-schema error,
-        once an hour).
-      - a record the database rejects (bad data) -> the batch is written record by record,
-        the rejected ones are dropped, counted and logged.
-
-    Args:
-        url: lineage URL (see ``SqlLineageStore``).
-        batch_size: records per transaction (read by the pipeline).
-        flush_interval_s: longest wait before a record is written (read by the pipeline).
-        busy_timeout_ms: SQLite lock wait / PostgreSQL connect timeout per attempt.
-        spool_dir: parent directory of the spool; None: no spool.
-        spool_max_bytes: bound on the spool; past it the oldest batches are dropped.
-    """
-
-    name: ClassVar[str] = "lineage"
-    accepts: ClassVar[frozenset[str]] = frozenset({"lineage"})
-
-    def __init__(self, url: str, *, batch_size: int = 1000, flush_interval_s: float = 1.0,
-                 busy_timeout_ms: int = 2000, spool_dir: str | os.PathLike[str] | None = None,
-                 spool_max_bytes: int = 1 << 30) -> None:
-        self.url = url
-        self.batch_size = batch_size
-        self.flush_interval_s = flush_interval_s
-        self.store = SqlLineageStore(url, busy_timeout_ms=busy_timeout_ms)
-        self.spool: LineageSpool | None = None
-        if spool_dir is not None:
-            self.spool = LineageSpool(spool_dir, _spool_key(url), spool_max_bytes)
-            self.spool.adopt()
-        self.written = 0
-        self.rejected = 0
-        self.failures = 0
-        self.last_error: str | None = None
-        self._last_log: dict[str, float] = {}
-        self._next_replay = 0.0
-        self._replay_backoff = 0.0
-        self._lock = threading.Lock()
-        self._closed = False
-
-    @classmethod
-    def from_config(cls, config: Config) -> SqlLineageExporter:
-        """Build from ``config.lineage`` and ``config.lineage_url`` (no connection yet).
-
-        The spool lives under ``influxdb.spool_dir`` (default
-        ``$XDG_STATE_HOME/provscope/spool``), bounded by ``influxdb.spool_max_bytes``.
-
-        Raises:
-            ConfigError: unsupported URL scheme or missing driver.
-        """
-        spool_dir = config.influxdb.spool_dir or default_spool_root()
-        return cls(config.lineage_url, batch_size=config.lineage.batch_size,
-                   flush_interval_s=config.lineage.flush_interval_s, spool_dir=spool_dir,
-                   spool_max_bytes=config.influxdb.spool_max_bytes)
-
-    def _warn(self, kind: str, every_s: float, msg: str, *args: Any,
-              level: int = logging.WARNING) -> None:
-        now = time.monotonic()
-        if now - self._last_log.get(kind, -math.inf) >= every_s:
-            self._last_log[kind] = now
-            log.log(level, msg, *args)
-
-    def export(self, batch: Sequence[Any]) -> ExportResult:
-        """Write one batch in one transaction. Never raises; see the class failure policy."""
-        if self._closed:
-            return ExportResult.DROP
-        try:
-            # Older batches waiting on disk go first; while the database is still down the
-            # new batch joins them without another connection attempt.
-            if self.spool is not None and self.spool.pending and (
-                    time.monotonic() < self._next_replay or not self._replay()):
-                return self._hold(batch)
-            self.written += self.store.write(batch)
-            self.last_error = None
-            return ExportResult.SUCCESS
-        except Exception as exc:
-            if self._unavailable(exc):
-                return self._hold(batch)
-            return self._export_one_by_one(batch, exc)
-
-    def _unavailable(self, exc: BaseException) -> bool:
-        """Log and classify a failure: True when the database may come back."""
-        self.failures += 1
-        self.last_error = _one_line(exc) if not isinstance(exc, LineageSchemaError) \
-            else str(exc)
-        if isinstance(exc, LineageSchemaError):
-            self._warn("schema", 3600, "lineage store %s: %s; records kept until then",
-                       _safe_url(self.url), exc, level=logging.ERROR)
-            return True
-        if _retryable(exc):
-            self._warn("unreachable", 60, "lineage store %s unavailable (%s); records kept "
-                       "and retried", _safe_url(self.url), self.last_error)
-            return True
-        return False
-
-    _server_gone = False  # the last replay failed because no server answered at all
-
-    def _hold(self, batch: Sequence[Any]) -> ExportResult:
-        if self.spool is not None and self.spool.append(batch):
-            return ExportResult.SUCCESS
-        return ExportResult.RETRY
-
-    def _replay(self) -> bool:
-        """Write the spooled batches. True when the spool is empty afterwards."""
-        assert self.spool is not None
-        try:
-            self.spool.replay(self._write_replayed)
-        except Exception as exc:
-            self._server_gone = _no_server(exc)
-            if not self._unavailable(exc):
-                log.exception("lineage spool replay failed")
-            self._replay_backoff = min(10.0, max(0.5, self._replay_backoff * 2))
-            self._next_replay = time.monotonic() + self._replay_backoff
-            return False
-        self._replay_backoff = 0.0
-        self.last_error = None
-        return True
-
-    def _write_replayed(self, records: list[Any]) -> None:
-        try:
-            self.written += self.store.write(records)
-        except Exception as exc:
-            if _retryable(exc) or isinstance(exc, LineageSchemaError):
-                raise
-            self._export_one_by_one(records, exc)  # bad data: drop only the bad records
-
-    def _export_one_by_one(self, batch: Sequence[Any], first: BaseException) -> ExportResult:
-        self._warn("rejected", 60, "lineage store %s rejected a batch (%s); writing it record "
-                   "by record and dropping the rejected ones", _safe_url(self.url),
-                   _one_line(first))
-        for i, record in enumerate(batch):
-            try:
-                self.written += self.store.write([record])
-            except Exception as exc:
-                if _retryable(exc) or isinstance(exc, LineageSchemaError):
-                    # The rest waits (what was written already is idempotent).
-                    return self._hold(batch[i:])
-                self.rejected += 1
-                self._warn("dropped", 60, "lineage record dropped (%s): %s", _one_line(exc),
-                           str(record)[:200])
-        return ExportResult.SUCCESS
-
-    def flush(self, timeout_s: float) -> bool:
-        """Replay the spool within ``timeout_s``. True when nothing is left on disk."""
-        if self.spool is None or not self.spool.pending:
-            return True
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if self._replay():
-                return True
-            left = deadline - time.monotonic()
-            if left <= 0 or self._server_gone:
-                # No server at the URL: the records are safe on disk and a later flush or
-                # the next process writes them; waiting would only hold up the caller.
-                return False
-            time.sleep(min(0.2, left))
-
-    def shutdown(self, timeout_s: float) -> None:
-        """Replay what is spooled within the deadline, then release everything. Idempotent.
-
-        Batches still spooled stay on disk; the next process on this URL replays them, so
-        a job exiting during an outage waits at most 2 s here, not the whole deadline.
-        """
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-        try:
-            self.flush(min(timeout_s, 2.0))
-        finally:
-            if self.spool is not None:
-                self.spool.close()
-            self.store.close()
-
-    def stats(self) -> dict[str, float]:
-        """Counters named as in ``provscope.catalogue.internal`` (records, not bytes)."""
-        out = {"points_written_total": float(self.written),
-               "points_dropped_total": float(self.rejected)}
-        if self.spool is not None:
-            out["points_dropped_total"] += self.spool.dropped
-            out["points_spooled_total"] = float(self.spool.spooled)
-            out["points_replayed_total"] = float(self.spool.replayed)
-            out["spool_bytes"] = float(self.spool.pending_bytes)
-        return out
-
-
-def _spool_key(url: str) -> str:
-    """The URL with a SQLite path made absolute (one database, one spool directory)."""
-    try:
-        parsed = make_url(url)
-    except sa_exc.ArgumentError:
-        return url
-    if parsed.drivername == "sqlite" and _sqlite_path(parsed):
-        return f"sqlite:///{Path(_sqlite_path(parsed)).expanduser().resolve()}"
-    return parsed.render_as_string(hide_password=True)
-
-
-_NO_SERVER = ("connection refused", "could not connect", "no route to host",
-              "name or service not known", "could not translate host name")
-
-
-def _no_server(exc: BaseException) -> bool:
-    """True when the database server could not be reached at all (not a lock or a timeout
-    inside a running server)."""
-    text = str(exc).lower()
-    return any(marker in text for marker in _NO_SERVER)
-
-
-def _one_line(exc: BaseException) -> str:
-    orig = getattr(exc, "orig", None) or exc
-    text = str(orig).strip().splitlines()
-    return f"{type(orig).__name__}: {text[0] if text else ''}"
-
-
-def _safe_url(url: str) -> str:
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        return "<lineage url>"

@@ -7,6 +7,8 @@ import logging
 import pytest
 import sqlalchemy as sa
 from provscope.exporters.base import ExportResult
+from provscope.exporters.lineage.engine import create_lineage_engine
+from provscope.exporters.lineage.exporter import SqlLineageExporter
 from provscope.exporters.lineage.schema import (
     METADATA,
     SCHEMA_VERSION,
@@ -14,11 +16,7 @@ from provscope.exporters.lineage.schema import (
     current_version,
     migrate,
 )
-from provscope.exporters.lineage.store import (
-    SqlLineageExporter,
-    SqlLineageStore,
-    create_lineage_engine,
-)
+from provscope.exporters.lineage.store import SqlLineageStore
 
 from provscope.config import load_config
 from provscope.errors import ConfigError, LineageSchemaError

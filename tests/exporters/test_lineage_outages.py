@@ -10,7 +10,7 @@ import time
 import pytest
 import sqlalchemy as sa
 from provscope.exporters.base import ExportResult
-from provscope.exporters.lineage.store import SqlLineageExporter
+from provscope.exporters.lineage.exporter import SqlLineageExporter
 from provscope.exporters.pipeline import Pipeline
 
 from provscope.ids import new_id

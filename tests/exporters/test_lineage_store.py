@@ -12,7 +12,8 @@ import sqlalchemy as sa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from provscope.exporters.base import ExportResult
-from provscope.exporters.lineage.store import SqlLineageExporter, SqlLineageStore
+from provscope.exporters.lineage.exporter import SqlLineageExporter
+from provscope.exporters.lineage.store import SqlLineageStore
 
 from provscope.ids import new_id
 from provscope.records import EntityRecord, RelationRecord, RunRecord, TaskRecord
