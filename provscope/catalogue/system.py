@@ -86,22 +86,67 @@ PROCESS = [
 
 _G = ("host", "gpu", "gpu_uuid")
 GPU = [
+    _g("gpu", "up", "1", "1 when the GPU answered this sample, 0 when it is lost or unreachable (NVML_ERROR_GPU_IS_LOST, a failed handle lookup); the other fields are left out then.", _G, "int"),
     _g("gpu", "utilization_percent", "percent", "Time a kernel was running on the GPU over the driver's sample window.", _G),
     _g("gpu", "memory_utilization_percent", "percent", "Time device memory was being read or written over the driver's sample window.", _G),
     _g("gpu", "memory_used_bytes", "bytes", "Device memory in use.", _G),
     _g("gpu", "memory_total_bytes", "bytes", "Device memory installed.", _G),
+    _g("gpu", "memory_free_bytes", "bytes", "Device memory free (total minus used minus what the driver reserves).", _G),
     _g("gpu", "power_watts", "watts", "Board power draw.", _G),
+    _g("gpu", "power_limit_watts", "watts", "Power limit the driver enforces now (the lowest of all active limits).", _G),
     _c("gpu", "energy_joules_total", "joules", "Energy the board consumed since the driver loaded.", _G),
-    _g("gpu", "temperature_celsius", "celsius", "GPU core temperature.", _G),
+    _g("gpu", "temperature_celsius", "celsius", "GPU core temperature (AMD: edge sensor, or hotspot/junction where the part has no edge sensor).", _G),
+    _g("gpu", "memory_temperature_celsius", "celsius", "Device memory (HBM/VRAM) temperature.", _G),
     _g("gpu", "sm_clock_hertz", "hertz", "Streaming-multiprocessor (graphics) clock.", _G),
     _g("gpu", "memory_clock_hertz", "hertz", "Device memory clock.", _G),
-    _g("gpu", "throttle_reasons", "1", "Bitmask of active clock throttle reasons (NVML clocks event reasons; 0 = none).", _G, "int"),
+    _g("gpu", "encoder_utilization_percent", "percent", "Video encoder (NVENC) busy time over the driver's sample window.", _G),
+    _g("gpu", "decoder_utilization_percent", "percent", "Video decoder (NVDEC) busy time over the driver's sample window.", _G),
+    _g("gpu", "throttled", "1", "1 when a reason that slows a busy GPU is active (software power cap, hardware slowdown, software or hardware thermal slowdown, power brake); idle, applications-clocks, display and sync-boost reasons do not count. Alert on this, not on throttle_reasons.", _G, "int"),
+    _g("gpu", "throttle_reasons", "1", "Raw NVML clocks event (throttle) reasons bitmask; non-zero on an idle GPU (GpuIdle = 0x1), so do not alert on it: use throttled or the clocks_event_* fields.", _G, "int"),
+    _g("gpu", "clocks_event_gpu_idle", "1", "1 while clocks are low because nothing runs (GpuIdle); not throttling.", _G, "int"),
+    _g("gpu", "clocks_event_applications_clocks", "1", "1 while clocks are held by an applications-clocks setting; not throttling.", _G, "int"),
+    _g("gpu", "clocks_event_sw_power_cap", "1", "1 while the software power cap lowers the clocks (throttling).", _G, "int"),
+    _g("gpu", "clocks_event_hw_slowdown", "1", "1 while hardware slowdown (thermal or power brake, factor 2 or more) lowers the clocks (throttling).", _G, "int"),
+    _g("gpu", "clocks_event_sync_boost", "1", "1 while clocks are held to the slowest GPU of a sync-boost group; not counted as throttling (that GPU shows its own reason).", _G, "int"),
+    _g("gpu", "clocks_event_sw_thermal", "1", "1 while software thermal slowdown lowers the clocks (throttling).", _G, "int"),
+    _g("gpu", "clocks_event_hw_thermal", "1", "1 while hardware thermal slowdown lowers the clocks (throttling).", _G, "int"),
+    _g("gpu", "clocks_event_hw_power_brake", "1", "1 while the external power brake lowers the clocks (throttling).", _G, "int"),
+    _g("gpu", "clocks_event_display_clocks", "1", "1 while clocks are held by a display clock setting; not throttling.", _G, "int"),
+    _c("gpu", "power_violation_seconds_total", "seconds", "Time the clocks were held below their target by the power limit (NVML violation time).", _G),
+    _c("gpu", "thermal_violation_seconds_total", "seconds", "Time the clocks were held below their target by the thermal limit (NVML violation time).", _G),
     _c("gpu", "pcie_transmit_bytes_total", "bytes", "Bytes the GPU sent over PCIe.", _G),
     _c("gpu", "pcie_receive_bytes_total", "bytes", "Bytes the GPU received over PCIe.", _G),
+    _c("gpu", "pcie_replay_errors_total", "count", "PCIe link replays (retransmissions after link errors).", _G),
     _c("gpu", "nvlink_transmit_bytes_total", "bytes", "Data bytes the GPU sent over all NVLinks.", _G),
     _c("gpu", "nvlink_receive_bytes_total", "bytes", "Data bytes the GPU received over all NVLinks.", _G),
+    _c("gpu", "nvlink_crc_flit_errors_total", "count", "NVLink flow-control CRC errors, all links.", _G),
+    _c("gpu", "nvlink_crc_data_errors_total", "count", "NVLink data CRC errors, all links.", _G),
+    _c("gpu", "nvlink_replay_errors_total", "count", "NVLink replay errors, all links.", _G),
+    _c("gpu", "nvlink_recovery_errors_total", "count", "NVLink recovery errors, all links.", _G),
     _c("gpu", "ecc_corrected_errors_total", "count", "Corrected device memory ECC errors (aggregate).", _G),
     _c("gpu", "ecc_uncorrected_errors_total", "count", "Uncorrected device memory ECC errors (aggregate).", _G),
+    _g("gpu", "remapped_rows_correctable", "count", "Memory rows remapped after correctable errors.", _G),
+    _g("gpu", "remapped_rows_uncorrectable", "count", "Memory rows remapped after uncorrectable errors.", _G),
+    _g("gpu", "remapped_rows_pending", "1", "1 when a row remapping waits for a GPU reset.", _G, "int"),
+    _g("gpu", "remapped_rows_failed", "1", "1 when a row remapping failed (the GPU needs service).", _G, "int"),
+    _c("gpu", "xid_errors_total", "count", "Xid (driver-reported GPU fault) events seen since the agent started.", _G),
+    _g("gpu", "last_xid", "1", "Code of the last Xid event since the agent started (0: none).", _G, "int"),
+    _g("gpu", "gr_engine_active_percent", "percent", "Time any graphics/compute engine was active over the last interval (NVML GPM, Hopper and later).", _G),
+    _g("gpu", "sm_active_percent", "percent", "Share of SMs busy over the last interval (NVML GPM, Hopper and later).", _G),
+    _g("gpu", "sm_occupancy_percent", "percent", "Resident warps as a share of the SMs' maximum over the last interval (NVML GPM, Hopper and later).", _G),
+    _g("gpu", "tensor_active_percent", "percent", "Time the SMs ran tensor-core instructions over the last interval (NVML GPM, Hopper and later).", _G),
+    _g("gpu", "dram_active_percent", "percent", "Device memory bandwidth used as a share of its maximum over the last interval (NVML GPM, Hopper and later).", _G),
+]
+
+_GM = ("host", "gpu", "gpu_uuid", "mig_uuid", "gpu_instance", "compute_instance")
+GPU_MIG = [
+    _g("gpu_mig", "memory_used_bytes", "bytes", "Device memory in use in this MIG instance.", _GM),
+    _g("gpu_mig", "memory_total_bytes", "bytes", "Device memory of this MIG instance.", _GM),
+    _g("gpu_mig", "gr_engine_active_percent", "percent", "Time any graphics/compute engine of this GPU instance was active over the last interval (NVML GPM).", _GM),
+    _g("gpu_mig", "sm_active_percent", "percent", "Share of this GPU instance's SMs busy over the last interval (NVML GPM).", _GM),
+    _g("gpu_mig", "sm_occupancy_percent", "percent", "Resident warps as a share of this GPU instance's maximum over the last interval (NVML GPM).", _GM),
+    _g("gpu_mig", "tensor_active_percent", "percent", "Time this GPU instance's SMs ran tensor-core instructions over the last interval (NVML GPM).", _GM),
+    _g("gpu_mig", "dram_active_percent", "percent", "This GPU instance's memory bandwidth used as a share of its maximum over the last interval (NVML GPM).", _GM),
 ]
 
 _GP = ("host", "gpu", "gpu_uuid", "run_id", "rank")
@@ -131,11 +176,11 @@ BY_COLLECTOR: dict[str, tuple[str, ...]] = {
     "net": ("net",),
     "filesystem": ("filesystem",),
     "process": ("process",),
-    "nvml": ("gpu", "gpu_process"),
+    "nvml": ("gpu", "gpu_mig", "gpu_process"),
     "amdsmi": ("gpu", "gpu_process"),
     "health": ("agent", "provscope"),
 }
 
 SPECS: list[MetricSpec] = [
-    *CPU, *MEMORY, *DISK, *NET, *FILESYSTEM, *PROCESS, *GPU, *GPU_PROCESS, *AGENT,
+    *CPU, *MEMORY, *DISK, *NET, *FILESYSTEM, *PROCESS, *GPU, *GPU_MIG, *GPU_PROCESS, *AGENT,
 ]

@@ -6,12 +6,15 @@ a real machine would, including the errors NVML raises for unsupported fields.
 
 from __future__ import annotations
 
+import ctypes
 import shutil
 import tempfile
+import threading
 from collections import namedtuple
 from pathlib import Path
 from types import SimpleNamespace
 
+import pynvml
 import pytest
 
 CpuTimes = namedtuple("CpuTimes", "user nice system idle iowait irq softirq steal guest")
@@ -73,99 +76,356 @@ class FakePsutil:
 
 
 class NVMLError(Exception):
+    """pynvml's NVMLError: the nvmlReturn_t code in ``value``."""
+
     def __init__(self, value: int) -> None:
         super().__init__(f"NVML error {value}")
         self.value = value
 
 
-class FakeNvml:
-    """pynvml's names for two GPUs; GPU 1 lacks ECC and NVLink (NOT_SUPPORTED)."""
+# nvmlReturn_t codes (nvml.h)
+NOT_SUPPORTED, NO_PERMISSION, NOT_FOUND, TIMEOUT = 3, 4, 6, 10
+FUNCTION_NOT_FOUND, GPU_IS_LOST, INVALID_ARGUMENT = 13, 15, 2
 
-    NVML_ERROR_NOT_SUPPORTED = 3
+
+class _EventSet:
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.queue: list = []
+        self.registered: dict = {}
+        self.freed = False
+
+
+class FakeNvml:
+    """pynvml's names, return shapes and error codes for two GPUs.
+
+    GPU 0 is a Hopper-class part: every field, GPM, Xid events. GPU 1 is in MIG mode with
+    two MIG devices (utilisation NOT_SUPPORTED on the parent, as NVML documents for MIG)
+    and lacks ECC and NVLink (NOT_SUPPORTED). Scripted failures:
+
+    - ``fail[(handle, "nvmlX")] = [exc, ...]``: the next calls of that getter raise these;
+    - ``lost``: handles whose every call raises GPU_IS_LOST;
+    - ``field_errors[(handle, field_id)] = [code, ...]``: per-value nvmlReturn codes;
+    - ``old_driver=True``: the driver lacks ``nvmlDeviceGetCurrentClocksEventReasons``
+      (pynvml raises FUNCTION_NOT_FOUND, as ``_nvmlGetFunctionPointer`` does);
+    - ``hang``: a threading.Event; while it is clear, ``nvmlDeviceGetUtilizationRates``
+      blocks (a stuck driver call).
+    """
+
+    NVML_ERROR_NOT_SUPPORTED = NOT_SUPPORTED
+    NVML_ERROR_TIMEOUT = TIMEOUT
     NVML_TEMPERATURE_GPU = 0
     NVML_CLOCK_SM = 1
     NVML_CLOCK_MEM = 2
     NVML_MEMORY_ERROR_TYPE_CORRECTED = 0
     NVML_MEMORY_ERROR_TYPE_UNCORRECTED = 1
     NVML_AGGREGATE_ECC = 1
-    NVML_FI_DEV_PCIE_COUNT_TX_BYTES = 197
-    NVML_FI_DEV_PCIE_COUNT_RX_BYTES = 198
+    NVML_PERF_POLICY_POWER = 0
+    NVML_PERF_POLICY_THERMAL = 1
+    NVML_DEVICE_MIG_DISABLE = 0
+    NVML_DEVICE_MIG_ENABLE = 1
+    NVML_FI_DEV_NVLINK_CRC_FLIT_ERROR_COUNT_TOTAL = 38
+    NVML_FI_DEV_NVLINK_CRC_DATA_ERROR_COUNT_TOTAL = 45
+    NVML_FI_DEV_NVLINK_REPLAY_ERROR_COUNT_TOTAL = 52
+    NVML_FI_DEV_NVLINK_RECOVERY_ERROR_COUNT_TOTAL = 59
+    NVML_FI_DEV_MEMORY_TEMP = 82
+    NVML_FI_DEV_PCIE_REPLAY_COUNTER = 94
     NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_TX = 138
     NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_RX = 139
+    NVML_FI_DEV_REMAPPED_COR = 142
+    NVML_FI_DEV_REMAPPED_UNC = 143
+    NVML_FI_DEV_REMAPPED_PENDING = 144
+    NVML_FI_DEV_REMAPPED_FAILURE = 145
+    NVML_FI_DEV_PCIE_COUNT_TX_BYTES = 197
+    NVML_FI_DEV_PCIE_COUNT_RX_BYTES = 198
+    nvmlEventTypeXidCriticalError = 0x8
+    nvmlEventTypeSingleBitEccError = 0x1
+    NVML_GPM_METRIC_GRAPHICS_UTIL = 1
+    NVML_GPM_METRIC_SM_UTIL = 2
+    NVML_GPM_METRIC_SM_OCCUPANCY = 3
+    NVML_GPM_METRIC_ANY_TENSOR_UTIL = 5
+    NVML_GPM_METRIC_DRAM_BW_UTIL = 10
+    NVML_GPM_METRICS_GET_VERSION = 1
+    # The real ctypes structures: the collector fills them as it would for the library.
+    c_nvmlGpmMetricsGet_t = pynvml.c_nvmlGpmMetricsGet_t
     NVMLError = NVMLError
 
-    def __init__(self, processes=None, missing_library=False) -> None:
+    _NVLINK_FIELDS = (38, 45, 52, 59, 138, 139)
+    _UINT_FIELDS = (82, 94, 142, 143, 144, 145)  # these come back as uiVal
+    _MIGS = {1: [(100, 1, 0), (101, 2, 0)]}  # parent: [(handle, GI id, CI id)]
+
+    def __init__(self, processes=None, missing_library=False, *, old_driver=False,
+                 count=2) -> None:
         self.init_calls = 0
         self.shutdown_calls = 0
         self.calls: dict[str, int] = {}
         self.processes = processes or {}
         self.missing = missing_library
+        self.old_driver = old_driver
+        self.count = count
+        self.fail: dict[tuple, list] = {}
+        self.lost: set = set()
+        self.field_errors: dict[tuple, list] = {}
+        self.hang: threading.Event | None = None
+        self.clock_reasons = {0: 0x4, 1: 0x1}  # gpu 0: power cap; gpu 1: idle
+        self.event_sets: list[_EventSet] = []
+        self.field_requests: list[tuple[int, list[int]]] = []
+        self._gpm_seq = 0
+        self._gpm_taken: dict[int, int] = {}
+        self._gpm_keep: list = []
+        self.gpm_freed = 0
+
+    # -------------------------------------------------------------- plumbing
 
     def _count(self, name):
         self.calls[name] = self.calls.get(name, 0) + 1
 
+    def _enter(self, name, h):
+        self._count(name)
+        if h in self.lost or (h >= 100 and self._parent(h) in self.lost):
+            raise NVMLError(GPU_IS_LOST)
+        queued = self.fail.get((h, name))
+        if queued:
+            raise queued.pop(0)
+
+    def _parent(self, mig):
+        return next(p for p, migs in self._MIGS.items() for m, _, _ in migs if m == mig)
+
+    # -------------------------------------------------------------- system
+
     def nvmlInit(self):
         if self.missing:
-            raise NVMLError(12)
+            raise NVMLError(12)  # NVML_ERROR_LIBRARY_NOT_FOUND
         self.init_calls += 1
 
     def nvmlShutdown(self):
         self.shutdown_calls += 1
 
     def nvmlDeviceGetCount(self):
-        return 2
+        return self.count
 
     def nvmlDeviceGetHandleByIndex(self, i):
+        self._enter("nvmlDeviceGetHandleByIndex", i)
+        if not 0 <= i < self.count:
+            raise NVMLError(INVALID_ARGUMENT)
         return i
 
+    def nvmlDeviceGetHandleByUUID(self, uuid):
+        for h in range(self.count):
+            if uuid == f"GPU-0000-{h}":
+                self._enter("nvmlDeviceGetHandleByUUID", h)
+                return h
+        for parent, migs in self._MIGS.items():
+            for m, _, _ in migs:
+                if parent < self.count and uuid == f"MIG-0000-{m}":
+                    return m
+        raise NVMLError(NOT_FOUND)
+
+    def nvmlDeviceGetIndex(self, h):
+        self._enter("nvmlDeviceGetIndex", h)
+        return h
+
     def nvmlDeviceGetUUID(self, h):
-        return f"GPU-0000-{h}"
+        self._enter("nvmlDeviceGetUUID", h)
+        return f"MIG-0000-{h}" if h >= 100 else f"GPU-0000-{h}"
+
+    def nvmlDeviceIsMigDeviceHandle(self, h):
+        return ctypes.c_uint(1 if h >= 100 else 0)  # pynvml returns the c_uint itself
+
+    def nvmlDeviceGetDeviceHandleFromMigDeviceHandle(self, m):
+        return self._parent(m)
+
+    # -------------------------------------------------------------- getters
 
     def nvmlDeviceGetUtilizationRates(self, h):
-        self._count("util")
+        self._enter("nvmlDeviceGetUtilizationRates", h)
+        if self.hang is not None:
+            self.hang.wait()
+        if h in self._MIGS:
+            raise NVMLError(NOT_SUPPORTED)  # "not currently supported" on MIG-enabled GPUs
         return SimpleNamespace(gpu=90 + h, memory=40)
 
     def nvmlDeviceGetMemoryInfo(self, h):
+        self._enter("nvmlDeviceGetMemoryInfo", h)
+        if h >= 100:
+            return SimpleNamespace(used=1 << 30, total=10 << 30, free=9 << 30)
         return SimpleNamespace(used=10 << 30, total=80 << 30, free=70 << 30)
 
     def nvmlDeviceGetPowerUsage(self, h):
+        self._enter("nvmlDeviceGetPowerUsage", h)
         return 300_000  # mW
 
+    def nvmlDeviceGetEnforcedPowerLimit(self, h):
+        self._enter("nvmlDeviceGetEnforcedPowerLimit", h)
+        return 700_000  # mW
+
     def nvmlDeviceGetTotalEnergyConsumption(self, h):
+        self._enter("nvmlDeviceGetTotalEnergyConsumption", h)
         return 5_000_000  # mJ
 
     def nvmlDeviceGetTemperature(self, h, sensor):
+        self._enter("nvmlDeviceGetTemperature", h)
         return 65
 
     def nvmlDeviceGetClockInfo(self, h, clock):
+        self._enter("nvmlDeviceGetClockInfo", h)
         return 1980 if clock == self.NVML_CLOCK_SM else 2619
 
+    def nvmlDeviceGetEncoderUtilization(self, h):
+        self._enter("nvmlDeviceGetEncoderUtilization", h)
+        return [3, 167000]  # [percent, sampling period in us]
+
+    def nvmlDeviceGetDecoderUtilization(self, h):
+        self._enter("nvmlDeviceGetDecoderUtilization", h)
+        return [5, 167000]
+
     def nvmlDeviceGetCurrentClocksEventReasons(self, h):
-        return 0x4
+        if self.old_driver:
+            raise NVMLError(FUNCTION_NOT_FOUND)
+        self._enter("nvmlDeviceGetCurrentClocksEventReasons", h)
+        return self.clock_reasons[h]
+
+    def nvmlDeviceGetCurrentClocksThrottleReasons(self, h):
+        self._enter("nvmlDeviceGetCurrentClocksThrottleReasons", h)
+        return self.clock_reasons[h]
+
+    def nvmlDeviceGetViolationStatus(self, h, policy):
+        self._enter("nvmlDeviceGetViolationStatus", h)
+        return SimpleNamespace(referenceTime=10**15, violationTime=(policy + 1) * 2 * 10**9)
 
     def nvmlDeviceGetTotalEccErrors(self, h, kind, counter):
+        self._enter("nvmlDeviceGetTotalEccErrors", h)
         self._count("ecc")
         if h == 1:
-            raise NVMLError(self.NVML_ERROR_NOT_SUPPORTED)
+            raise NVMLError(NOT_SUPPORTED)
         return 7 if kind == 0 else 0
 
     def nvmlDeviceGetPcieThroughput(self, h, counter):  # pragma: no cover - must not be used
         raise AssertionError("nvmlDeviceGetPcieThroughput blocks 20 ms and must never be called")
 
     def nvmlDeviceGetFieldValues(self, h, field_ids):
+        self._enter("nvmlDeviceGetFieldValues", h)
         self._count("fields")
+        self.field_requests.append((h, [fid for fid, _ in field_ids]))
         out = []
         for fid, _scope in field_ids:
-            unsupported = h == 1 and fid in (138, 139)
-            out.append(SimpleNamespace(
-                fieldId=fid, nvmlReturn=self.NVML_ERROR_NOT_SUPPORTED if unsupported else 0,
-                valueType=3, value=SimpleNamespace(ullVal=1000 * fid)))
+            ret = 0
+            if h == 1 and fid in self._NVLINK_FIELDS:
+                ret = NOT_SUPPORTED
+            queued = self.field_errors.get((h, fid))
+            if queued:
+                ret = queued.pop(0)
+            vtype, member = (1, "uiVal") if fid in self._UINT_FIELDS else (3, "ullVal")
+            value = {144: 0, 145: 0}.get(fid, 1000 * fid)
+            out.append(SimpleNamespace(fieldId=fid, scopeId=_scope, nvmlReturn=ret,
+                                       valueType=vtype,
+                                       value=SimpleNamespace(**{member: value})))
         return out
 
     def nvmlDeviceGetComputeRunningProcesses(self, h):
+        self._enter("nvmlDeviceGetComputeRunningProcesses", h)
         self._count("processes")
         return [SimpleNamespace(pid=pid, usedGpuMemory=mem)
                 for pid, mem in self.processes.get(h, [])]
+
+    # -------------------------------------------------------------- MIG
+
+    def nvmlDeviceGetMigMode(self, h):
+        self._enter("nvmlDeviceGetMigMode", h)
+        return [1, 1] if h in self._MIGS else [0, 0]
+
+    def nvmlDeviceGetMaxMigDeviceCount(self, h):
+        self._enter("nvmlDeviceGetMaxMigDeviceCount", h)
+        return 7
+
+    def nvmlDeviceGetMigDeviceHandleByIndex(self, h, i):
+        self._enter("nvmlDeviceGetMigDeviceHandleByIndex", h)
+        migs = self._MIGS.get(h, [])
+        if i >= len(migs):
+            raise NVMLError(NOT_FOUND)  # an empty slot
+        return migs[i][0]
+
+    def nvmlDeviceGetGpuInstanceId(self, m):
+        return next(gi for migs in self._MIGS.values() for h, gi, _ in migs if h == m)
+
+    def nvmlDeviceGetComputeInstanceId(self, m):
+        return next(ci for migs in self._MIGS.values() for h, _, ci in migs if h == m)
+
+    # -------------------------------------------------------------- GPM
+
+    def nvmlGpmQueryDeviceSupport(self, h):
+        self._enter("nvmlGpmQueryDeviceSupport", h)
+        return SimpleNamespace(version=1, isSupportedDevice=1)
+
+    def nvmlGpmSampleAlloc(self):
+        buf = ctypes.c_int(len(self._gpm_keep))
+        self._gpm_keep.append(buf)
+        return ctypes.cast(ctypes.pointer(buf), pynvml.c_nvmlGpmSample_t)
+
+    def nvmlGpmSampleFree(self, sample):
+        self.gpm_freed += 1
+
+    def _take(self, sample):
+        self._gpm_seq += 1
+        self._gpm_taken[ctypes.addressof(sample.contents)] = self._gpm_seq
+
+    def nvmlGpmSampleGet(self, h, sample):
+        self._enter("nvmlGpmSampleGet", h)
+        self._take(sample)
+        return sample
+
+    def nvmlGpmMigSampleGet(self, h, gpu_instance_id, sample):
+        self._enter("nvmlGpmMigSampleGet", h)
+        self._take(sample)
+        return sample
+
+    def nvmlGpmMetricsGet(self, req):
+        # NVML computes metrics between two samples taken in order: anything else is a
+        # caller's error.
+        t1 = self._gpm_taken.get(ctypes.addressof(req.sample1.contents))
+        t2 = self._gpm_taken.get(ctypes.addressof(req.sample2.contents))
+        if t1 is None or t2 is None or t1 >= t2 or req.version != 1:
+            raise NVMLError(INVALID_ARGUMENT)
+        for i in range(req.numMetrics):
+            req.metrics[i].value = 7.0 * req.metrics[i].metricId
+            req.metrics[i].nvmlReturn = 0
+        return req
+
+    # -------------------------------------------------------------- events
+
+    def nvmlEventSetCreate(self):
+        es = _EventSet()
+        self.event_sets.append(es)
+        return es
+
+    def nvmlDeviceGetSupportedEventTypes(self, h):
+        self._enter("nvmlDeviceGetSupportedEventTypes", h)
+        return 0x8 | 0x1 | 0x2
+
+    def nvmlDeviceRegisterEvents(self, h, types, es):
+        self._enter("nvmlDeviceRegisterEvents", h)
+        es.registered[h] = types
+
+    def nvmlEventSetWait(self, es, timeout_ms):
+        with es.cond:
+            if not es.queue:
+                es.cond.wait(timeout_ms / 1000.0)
+            if not es.queue:
+                raise NVMLError(TIMEOUT)
+            return es.queue.pop(0)
+
+    def nvmlEventSetFree(self, es):
+        es.freed = True
+
+    def inject_xid(self, h, xid):
+        """The driver reports Xid ``xid`` on GPU ``h`` (c_nvmlEventData_t's fields)."""
+        for es in self.event_sets:
+            if h in es.registered:
+                with es.cond:
+                    es.queue.append(SimpleNamespace(
+                        device=h, eventType=self.nvmlEventTypeXidCriticalError,
+                        eventData=xid, gpuInstanceId=0xFFFFFFFF, computeInstanceId=0xFFFFFFFF))
+                    es.cond.notify_all()
 
 
 class FakeAmdSmi:

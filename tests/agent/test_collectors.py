@@ -135,60 +135,7 @@ def test_real_machine_collectors_sample_in_well_under_a_millisecond_each():
         c.close()
 
 
-# ------------------------------------------------------------------------------- NVML
-
-
-def test_nvml_missing_library_makes_the_collector_unavailable(fake_nvml):
-    with pytest.raises(CollectorUnavailable, match="NVML cannot start"):
-        NvmlCollector("h", fake_nvml(missing_library=True)).open()
-
-
-def test_nvml_without_nvidia_ml_py_installed_is_unavailable_not_a_crash(monkeypatch):
-    monkeypatch.setitem(sys.modules, "pynvml", None)
-    with pytest.raises(CollectorUnavailable, match="nvidia-ml-py"):
-        NvmlCollector("h").open()
-
-
-def test_nvml_initialises_once_and_leaves_unsupported_fields_out_logged_once(fake_nvml, caplog):
-    nv = fake_nvml()
-    c = NvmlCollector("h", nv)
-    c.open()
-    with caplog.at_level(logging.INFO, logger="provscope.collectors.nvml"):
-        for i in range(5):
-            points = c.collect(NOW + i)
-    assert nv.init_calls == 1
-    gpu0, gpu1 = (p for p in points if p.measurement == "gpu")
-    assert gpu0.tags == {"host": "h", "gpu": "0", "gpu_uuid": "GPU-0000-0"}
-    assert gpu0.fields["ecc_corrected_errors_total"] == 7.0
-    assert gpu0.fields["nvlink_transmit_bytes_total"] == 138_000 * 1024.0
-    assert gpu0.fields["power_watts"] == 300.0
-    assert gpu0.fields["energy_joules_total"] == 5000.0
-    assert gpu0.fields["sm_clock_hertz"] == 1.98e9
-    assert gpu0.fields["throttle_reasons"] == 4
-    assert "ecc_corrected_errors_total" not in gpu1.fields
-    assert "nvlink_receive_bytes_total" not in gpu1.fields
-    assert gpu1.fields["pcie_receive_bytes_total"] == 198_000.0
-    # Unsupported getters are not called again, and each is logged exactly once.
-    assert nv.calls["ecc"] == 5 * 2 + 2  # gpu 0: 2 per sample; gpu 1: its first 2 only
-    messages = [r.getMessage() for r in caplog.records]
-    assert sum("gpu 1 does not support ecc_corrected" in m for m in messages) == 1
-    assert sum("nvlink_transmit" in m for m in messages) == 1
-    assert "processes" not in nv.calls  # no job watched: the slow query is not made
-    c.close()
-    assert nv.shutdown_calls == 1
-
-
-def test_nvml_maps_per_process_gpu_memory_to_the_jobs_ranks(fake_nvml):
-    nv = fake_nvml(processes={0: [(100, 1 << 30), (101, 2 << 30), (999, 5 << 30)],
-                              1: [(102, 3 << 30)]})
-    pids = {100: Watched(100, "r", 0), 101: Watched(100, "r", 0), 102: Watched(102, "r", 1)}
-    c = NvmlCollector("h", nv, pid_map=lambda: pids)
-    c.open()
-    procs = [p for p in c.collect(NOW) if p.measurement == "gpu_process"]
-    by_rank = {(p.tags["gpu"], p.tags["rank"]): p.fields for p in procs}
-    assert by_rank == {("0", "0"): {"memory_used_bytes": float(3 << 30), "processes": 2},
-                       ("1", "1"): {"memory_used_bytes": float(3 << 30), "processes": 1}}
-    assert all(p.tags["run_id"] == "r" for p in procs)
+# ------------------------------------------------------------------------------- AMD
 
 
 def test_amdsmi_normalises_units_and_leaves_missing_getters_out(fake_amdsmi):
@@ -299,16 +246,3 @@ def test_children_map_reads_the_hierarchy_from_a_procfs_tree(tmp_path):
     m = children_map(tmp_path)
     assert {k: sorted(v) for k, v in m.items()} == {0: [1], 1: [10], 10: [11], 11: [12, 13]}
     assert children_map(tmp_path / "missing") is None
-
-
-def test_nvml_queries_running_processes_at_most_every_process_interval(fake_nvml):
-    nv = fake_nvml(processes={0: [(100, 1 << 30)]})
-    c = NvmlCollector("h", nv, pid_map=lambda: {100: Watched(100, "r", 0)},
-                      process_interval_s=5.0)
-    c.open()
-    emitted = []
-    for second in range(11):
-        points = c.collect(NOW + second * 10**9)
-        emitted.append(any(p.measurement == "gpu_process" for p in points))
-    assert emitted == [True, False, False, False, False, True, False, False, False, False, True]
-    assert nv.calls["processes"] == 3 * 2  # two GPUs per query
