@@ -3,7 +3,9 @@
 ``Point`` is one line of line protocol. The lineage records follow W3C PROV: a run is a
 workflow (``prov:Plan`` + ``prov:Activity``), a task is an ``prov:Activity``, an entity is a
 ``prov:Entity`` (dataset, model, checkpoint, config, file, artifact), and a relation is
-``used`` / ``wasGeneratedBy`` (task <-> entity) or ``wasInformedBy`` (task -> task).
+``used`` / ``wasGeneratedBy`` (task <-> entity), ``wasInformedBy`` (task -> task) or
+``wasDerivedFrom`` (entity -> entity). Entities are keyed by content
+(``provscope.ids.entity_key``): the same bytes are one entity in every run.
 
 Lineage records are *partial*: a field left ``None`` means "not known by this record".
 Stores merge records with the same id (a task's start record and end record become one
@@ -24,6 +26,8 @@ from typing import Any, ClassVar
 __all__ = [
     "ENTITY_KINDS",
     "RELATIONS",
+    "RUN_ORIGINS",
+    "RUN_STATUSES",
     "TASK_KINDS",
     "EntityRecord",
     "FieldValue",
@@ -68,12 +72,23 @@ class Point:
 
 TASK_KINDS = ("run", "task", "epoch", "step", "eval", "checkpoint", "data", "command", "other")
 ENTITY_KINDS = ("dataset", "model", "checkpoint", "config", "file", "artifact")
-RELATIONS = ("used", "generated", "informed")
+RELATIONS = ("used", "generated", "informed", "derived")
+#: Run statuses, from the least to the most severe. Several processes report on one run
+#: (every rank, every node's ``provscope run``); the stores keep the most severe status
+#: reported, and ``running`` never replaces another.
+RUN_STATUSES = ("running", "finished", "interrupted", "killed", "failed")
+#: Who wrote a run record, from the weakest to the strongest claim on the run's name,
+#: config, code, environment, host, user and command: ``launcher`` (``provscope run``: the
+#: program name as placeholder), ``implicit`` (the implicit run: the script's name),
+#: ``worker`` (a workflow on a rank other than 0), ``job`` (the workflow on rank 0).
+#: The stores let a stronger record's values win whichever arrives first.
+RUN_ORIGINS = ("launcher", "implicit", "worker", "job")
 
 
 @dataclass(frozen=True, slots=True)
 class RunRecord:
-    """A workflow run. Written once per run, by rank 0 (or the single process)."""
+    """A workflow run, or what one process knows of it (every rank and launcher of a job
+    writes a partial record; ``origin``, one of ``RUN_ORIGINS``, says whose values win)."""
 
     run_id: str
     name: str | None = None
@@ -83,11 +98,12 @@ class RunRecord:
     host: str | None = None
     start_ns: int | None = None
     end_ns: int | None = None
-    status: str | None = None  # running | finished | failed | killed
+    status: str | None = None  # one of RUN_STATUSES
     config: Mapping[str, Any] | None = None
     code: Mapping[str, Any] | None = None  # {"commit": ..., "dirty": bool, "repo": ...}
     environment: Mapping[str, Any] | None = None  # python, torch, cuda, driver, packages
     command: str | None = None
+    origin: str | None = None  # one of RUN_ORIGINS; None: the weakest claim
 
     kind: ClassVar[str] = "run"
 
@@ -111,7 +127,7 @@ class TaskRecord:
     pid: int | None = None
     start_ns: int | None = None
     end_ns: int | None = None
-    status: str | None = None  # running | finished | failed
+    status: str | None = None  # running | finished | interrupted | failed
     error: str | None = None
     params: Mapping[str, Any] | None = None
     result: Mapping[str, Any] | None = None
@@ -122,7 +138,12 @@ class TaskRecord:
 
 @dataclass(frozen=True, slots=True)
 class EntityRecord:
-    """A thing a task used or generated: dataset, model, checkpoint, config, file, artifact."""
+    """A thing a task used or generated: dataset, model, checkpoint, config, file, artifact.
+
+    ``entity_id`` is derived from the content (``provscope.ids.content_id``), so records
+    of one entity by many runs merge; ``run_id`` is the recording run (the store keeps
+    the first one's).
+    """
 
     entity_id: str
     entity_kind: str  # one of ENTITY_KINDS
@@ -139,9 +160,13 @@ class EntityRecord:
 
 @dataclass(frozen=True, slots=True)
 class RelationRecord:
-    """A PROV relation: task ``used`` entity, task ``generated`` entity, task ``informed`` task.
+    """A PROV relation: task ``used`` entity, task ``generated`` entity, task ``informed``
+    by task (prov:wasInformedBy), entity ``derived`` from entity (prov:wasDerivedFrom).
 
-    ``subject_id`` is always the task; ``object_id`` the entity (or the informing task).
+    ``subject_id`` is the task (or the run, for entities recorded outside any task), or
+    for ``derived`` the derived entity; ``object_id`` the entity, the informing task, or
+    the entity derived from. The stores write ``informed`` themselves from ``used`` and
+    ``generated`` (see docs/lineage.md).
     """
 
     relation: str  # one of RELATIONS

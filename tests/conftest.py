@@ -66,3 +66,14 @@ def postgres_server():
 def postgres_url(postgres_server) -> str:
     """URL of a fresh, empty database on the shared PostgreSQL."""
     return postgres_server.create_database("t_" + uuid.uuid4().hex[:12])
+
+
+@pytest.fixture(autouse=True)
+def _outside_any_launcher(monkeypatch):
+    """Every test starts outside any launcher job (torchrun, SLURM, MPI) and run: the
+    run id rule (provscope.job.identity) would otherwise join the suite's own job.
+    Tests that simulate a launcher set its variables themselves."""
+    from provscope.job.identity import LAUNCHER_VARS
+
+    for name in LAUNCHER_VARS:
+        monkeypatch.delenv(name, raising=False)

@@ -2,12 +2,16 @@
 
 Tables (W3C PROV terms in brackets):
 
-- ``runs`` [prov:Activity + prov:Plan]: one row per workflow run.
+- ``runs`` [prov:Activity + prov:Plan]: one row per workflow run (every rank and launcher
+  of a job writes into it; ``origin`` says whose values it holds).
 - ``tasks`` [prov:Activity]: tasks, epochs, steps, evals, ... of a run, with the resource
   summary filled at task end.
-- ``entities`` [prov:Entity]: datasets, models, checkpoints, configs, files, artifacts.
+- ``entities`` [prov:Entity]: datasets, models, checkpoints, configs, files, artifacts,
+  keyed by content (``provscope.ids.entity_key``): one row per file content, however
+  many runs recorded it; ``run_id`` is the run that recorded it first.
 - ``relations``: ``used`` (prov:used, task -> entity), ``generated`` (prov:wasGeneratedBy,
-  entity <- task) and ``informed`` (prov:wasInformedBy, task -> task), with a role.
+  entity <- task), ``informed`` (prov:wasInformedBy, task -> task) and ``derived``
+  (prov:wasDerivedFrom, entity -> entity), with a role.
 - ``schema_version``: one row per applied migration step.
 
 Times are stored twice: ``*_ns`` BIGINT Unix nanoseconds (exact, the same unit as the
@@ -25,6 +29,7 @@ import time
 from collections.abc import Callable
 
 import sqlalchemy as sa
+from provscope.exporters.lineage.rekey import rekey_entities
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Connection, Engine
 
@@ -65,9 +70,8 @@ _RESOURCE_TYPES = {
 _V2_TASK_COLUMNS = (*RESOURCE_COLUMNS, "resources")
 
 
-def _runs(md: sa.MetaData) -> sa.Table:
-    return sa.Table(
-        "runs", md,
+def _runs(md: sa.MetaData, version: int) -> sa.Table:
+    cols: list[sa.SchemaItem] = [
         sa.Column("run_id", sa.String(64), primary_key=True),
         sa.Column("name", sa.Text),
         sa.Column("parent_run_id", sa.String(64)),
@@ -88,7 +92,12 @@ def _runs(md: sa.MetaData) -> sa.Table:
         sa.Column("command", sa.Text),
         sa.Index("ix_runs_start_ns", "start_ns"),
         sa.Index("ix_runs_parent_run_id", "parent_run_id"),
-    )
+    ]
+    if version >= 3:
+        # Whose values the row holds (provscope.records.RUN_ORIGINS): the merge lets the
+        # job's name and config win over a launcher's placeholders in any arrival order.
+        cols.append(sa.Column("origin", sa.String(16)))
+    return sa.Table("runs", md, *cols)
 
 
 def _tasks(md: sa.MetaData, version: int) -> sa.Table:
@@ -163,7 +172,7 @@ def _version_table(md: sa.MetaData) -> sa.Table:
 
 def _metadata(version: int) -> sa.MetaData:
     md = sa.MetaData()
-    _runs(md)
+    _runs(md, version)
     _tasks(md, version)
     _entities(md)
     _relations(md)
@@ -172,7 +181,7 @@ def _metadata(version: int) -> sa.MetaData:
 
 
 #: The current schema (what the store writes and the query API reads).
-METADATA = _metadata(2)
+METADATA = _metadata(3)
 RUNS = METADATA.tables["runs"]
 TASKS = METADATA.tables["tasks"]
 ENTITIES = METADATA.tables["entities"]
@@ -215,8 +224,23 @@ def _step2_task_resources(conn: Connection) -> None:
     index.create(conn, checkfirst=True)
 
 
+def _step3_run_origin(conn: Connection) -> None:
+    """Version 3: ``runs.origin``, who wrote the run's values (rows before it: NULL, the
+    weakest claim, so any record of a job fills them)."""
+    present = {c["name"] for c in sa.inspect(conn).get_columns("runs")}
+    if "origin" not in present:
+        conn.exec_driver_sql("ALTER TABLE runs ADD COLUMN origin VARCHAR(16)")
+
+
+def _step4_entity_identity(conn: Connection) -> None:
+    """Version 4: entities keyed by content; old rows re-keyed and merged, their relations
+    moved, ``derived`` and ``informed`` relations written (``rekey``). No DDL."""
+    rekey_entities(conn, _entities(sa.MetaData()), _relations(sa.MetaData()))
+
+
 #: Numbered steps: MIGRATIONS[i] upgrades version i to version i + 1.
-MIGRATIONS: list[Callable[[Connection], None]] = [_step1_create, _step2_task_resources]
+MIGRATIONS: list[Callable[[Connection], None]] = [_step1_create, _step2_task_resources,
+                                                  _step3_run_origin, _step4_entity_identity]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -5,8 +5,14 @@ merging upserts: records with the same id become one row, the non-null fields of
 newer record win and its nulls keep the stored value (``COALESCE(excluded.col, col)``), so
 a task's start record and end record give the same row whichever arrives first. A status
 ``running`` never overwrites a status already stored (an end record that overtook its
-start record keeps ``finished``). Relations are deduplicated on
-(relation, subject_id, object_id, role).
+start record keeps ``finished``). Runs merge the partial records of every rank and
+launcher of a job: the strongest ``origin`` (the job's workflow over a launcher's
+placeholder) gives the name, config, code and environment, the earliest start and the
+latest end win, and the status is the most severe reported. Entities, keyed by content
+and recorded by many runs, merge the other way round: the record created first wins and
+later ones fill only its nulls. Relations are deduplicated on (relation, subject_id,
+object_id, role); the ``informed`` relations implied by ``used`` and ``generated`` ones
+are written in the same transaction (``links``).
 
 Each batch is first merged in memory (one row per id), then written in ONE transaction
 with one ``executemany`` per table. URLs and engines: ``engine``; the pipeline exporter
@@ -24,6 +30,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from provscope.exporters.lineage.engine import create_lineage_engine, json_dumps
+from provscope.exporters.lineage.links import link_informed
 from provscope.exporters.lineage.schema import (
     ENTITIES,
     JSON_COLUMNS,
@@ -36,11 +43,19 @@ from provscope.exporters.lineage.schema import (
 )
 from sqlalchemy.engine import Engine
 
-from provscope.records import EntityRecord, RelationRecord, RunRecord, TaskRecord
+from provscope.records import (
+    RUN_ORIGINS,
+    RUN_STATUSES,
+    EntityRecord,
+    RelationRecord,
+    RunRecord,
+    TaskRecord,
+)
 
 __all__ = ["SqlLineageStore"]
 
 _UTC = dt.UTC
+_LINKED = frozenset({"used", "generated"})  # relations that may imply an ``informed`` one
 _STAGE_MIN_ROWS = 32  # PostgreSQL: fewer rows go through executemany, more through COPY
 
 
@@ -61,7 +76,7 @@ def _run_row(r: RunRecord) -> dict[str, Any]:
         "config": _as_json(r.config), "code": _as_json(code),
         "code_commit": code.get("commit") if code else None,
         "code_dirty": bool(code["dirty"]) if code and code.get("dirty") is not None else None,
-        "environment": _as_json(r.environment), "command": r.command,
+        "environment": _as_json(r.environment), "command": r.command, "origin": r.origin,
     }
 
 
@@ -116,11 +131,96 @@ def _merge_into(old: dict[str, Any], new: dict[str, Any]) -> None:
         old[key] = value
 
 
-_TABLES: dict[type, tuple[sa.Table, tuple[str, ...], Callable[[Any], dict[str, Any]]]] = {
-    RunRecord: (RUNS, ("run_id",), _run_row),
-    TaskRecord: (TASKS, ("task_id",), _task_row),
-    EntityRecord: (ENTITIES, ("entity_id",), _entity_row),
-    RelationRecord: (RELATIONS, ("relation", "subject_id", "object_id", "role"), _relation_row),
+def _earlier(new: dict[str, Any], old: dict[str, Any]) -> bool:
+    n, o = new.get("created_ns"), old.get("created_ns")
+    return n is not None and (o is None or n < o)
+
+
+def _merge_earliest(old: dict[str, Any], new: dict[str, Any]) -> None:
+    """The in-memory twin of the entity merge: the record created first wins, field by
+    field; the other one fills only what it left null."""
+    first, second = (new, old) if _earlier(new, old) else (old, new)
+    merged = {key: first.get(key) if first.get(key) is not None else second.get(key)
+              for key in old.keys() | new.keys()}
+    old.update(merged)
+
+
+# Runs: every rank and launcher of a job writes a partial record of the one run. The
+# values describing the job (name, config, code, ...) come from the strongest ``origin``
+# (RUN_ORIGINS; equal claims: the newer record); the run starts at the earliest start and
+# ends at the latest end; the status is the most severe one reported (RUN_STATUSES).
+_ORIGIN_LEVEL = {origin: i + 1 for i, origin in enumerate(RUN_ORIGINS)}  # None/unknown: 0
+_STATUS_LEVEL = {status: i for i, status in enumerate(RUN_STATUSES)}
+_STATUS_UNKNOWN = _STATUS_LEVEL["finished"]
+
+
+def _merge_run(old: dict[str, Any], new: dict[str, Any]) -> None:
+    """The in-memory twin of the runs merge (``_run_sets``)."""
+    stronger = _ORIGIN_LEVEL.get(new.get("origin"), 0) >= _ORIGIN_LEVEL.get(old.get("origin"), 0)
+    for key, value in new.items():
+        if value is None:
+            continue
+        current = old.get(key)
+        if current is None:
+            old[key] = value
+        elif key == "start_ns":
+            old[key] = min(current, value)
+        elif key == "end_ns":
+            old[key] = max(current, value)
+        elif key == "status":
+            if _STATUS_LEVEL.get(value, _STATUS_UNKNOWN) > \
+                    _STATUS_LEVEL.get(current, _STATUS_UNKNOWN):
+                old[key] = value
+        elif stronger:
+            old[key] = value
+
+
+def _level(col: Any, levels: Mapping[str, int], default: int) -> Any:
+    # Inline literals: the compiled statement carries only column binds.
+    return sa.case(*((col == sa.literal_column(f"'{name}'"), sa.literal_column(str(level)))
+                     for name, level in levels.items()), else_=sa.literal_column(str(default)))
+
+
+def _run_sets(excluded: Any, table: sa.Table) -> dict[str, Any]:
+    """SET clauses of the runs upsert (the SQL twin of ``_merge_run``)."""
+    stronger = _level(excluded["origin"], _ORIGIN_LEVEL, 0) >= \
+        _level(table.c["origin"], _ORIGIN_LEVEL, 0)
+
+    def pick(col: str, when_new: Any, by: str | None = None) -> Any:
+        key = by or col
+        new_k, old_k = excluded[key], table.c[key]
+        return sa.case((new_k.is_(None), table.c[col]), (old_k.is_(None), excluded[col]),
+                       (when_new, excluded[col]), else_=table.c[col])
+
+    sets: dict[str, Any] = {}
+    for col in table.columns:
+        name = col.name
+        new, old = excluded[name], table.c[name]
+        if name == "run_id":
+            continue
+        if name in ("start_ns", "start_time"):
+            sets[name] = pick(name, excluded["start_ns"] < table.c["start_ns"], "start_ns")
+        elif name in ("end_ns", "end_time"):
+            sets[name] = pick(name, excluded["end_ns"] > table.c["end_ns"], "end_ns")
+        elif name == "status":
+            sets[name] = pick(name, _level(new, _STATUS_LEVEL, _STATUS_UNKNOWN)
+                              > _level(old, _STATUS_LEVEL, _STATUS_UNKNOWN))
+        elif name == "origin":
+            sets[name] = pick(name, _level(new, _ORIGIN_LEVEL, 0) > _level(old, _ORIGIN_LEVEL, 0))
+        else:
+            sets[name] = pick(name, stronger)
+    return sets
+
+
+_Merge = Callable[[dict[str, Any], dict[str, Any]], None]
+_TABLES: dict[type, tuple[sa.Table, tuple[str, ...], Callable[[Any], dict[str, Any]], _Merge]] = {
+    RunRecord: (RUNS, ("run_id",), _run_row, _merge_run),
+    TaskRecord: (TASKS, ("task_id",), _task_row, _merge_into),
+    # Entities are keyed by content and recorded by many runs: the first record describes
+    # the entity (its name, URI, the run that first recorded it); see docs/lineage.md.
+    EntityRecord: (ENTITIES, ("entity_id",), _entity_row, _merge_earliest),
+    RelationRecord: (RELATIONS, ("relation", "subject_id", "object_id", "role"), _relation_row,
+                     _merge_into),
 }
 # Parents before children, so a reader never sees a task of a run that is not there yet.
 _ORDER = (RunRecord, EntityRecord, TaskRecord, RelationRecord)
@@ -135,11 +235,23 @@ def _upsert(dialect: str, table: sa.Table, keys: Sequence[str]) -> sa.Insert:
     excluded = stmt.excluded
     sets: dict[str, Any] = {}
     running = sa.literal_column("'running'")  # inline: the statement has only column binds
+    if table.name == "runs":
+        return stmt.on_conflict_do_update(index_elements=list(keys),
+                                          set_=_run_sets(excluded, table))
+    earliest = table.name == "entities"
+    if earliest:
+        new_at, old_at = excluded["created_ns"], table.c["created_ns"]
+        new_first = sa.and_(new_at.is_not(None), sa.or_(old_at.is_(None), new_at < old_at))
     for col in table.columns:
         if col.name in keys:
             continue
         new, old = excluded[col.name], table.c[col.name]
-        if col.name == "status":
+        if earliest:
+            # SET expressions read the stored row as it was, so created_ns compares the
+            # two records even while it is itself being set.
+            sets[col.name] = sa.case((new_first, sa.func.coalesce(new, old)),
+                                     else_=sa.func.coalesce(old, new))
+        elif col.name == "status":
             sets[col.name] = sa.case(
                 (new.is_(None), old),
                 (sa.and_(new == running, old.is_not(None)), old),
@@ -259,7 +371,7 @@ class SqlLineageStore:
         self.engine = create_lineage_engine(url, writer=True, busy_timeout_ms=busy_timeout_ms)
         self.dialect = self.engine.dialect.name
         self._migrated = False
-        self._stmts = {cls: _CompiledUpsert(self.engine, t, keys) for cls, (t, keys, _)
+        self._stmts = {cls: _CompiledUpsert(self.engine, t, keys) for cls, (t, keys, *_)
                        in _TABLES.items()}
 
     def ensure_schema(self) -> None:
@@ -281,7 +393,7 @@ class SqlLineageStore:
             spec = _TABLES.get(type(record))
             if spec is None:
                 continue
-            _table, keys, to_row = spec
+            _table, keys, to_row, merge = spec
             row = to_row(record)
             key = row[keys[0]] if len(keys) == 1 else tuple(row[k] for k in keys)
             rows = merged[type(record)]
@@ -289,7 +401,7 @@ class SqlLineageStore:
             if old is None:
                 rows[key] = row
             else:
-                _merge_into(old, row)
+                merge(old, row)
         out: dict[type, list[dict[str, Any]]] = {}
         for cls, by_key in merged.items():
             if not by_key:
@@ -311,10 +423,15 @@ class SqlLineageStore:
         rows = self.rows(records)
         if not rows:
             return 0
+        # Read before execute(), which converts the rows in place.
+        linked = [r["object_id"] for r in rows.get(RelationRecord, ())
+                  if r["relation"] in _LINKED]
         with self.engine.begin() as conn:
             for cls in _ORDER:
                 if cls in rows:
                     self._stmts[cls].execute(conn, rows[cls])
+            if linked:
+                link_informed(conn, linked)
         return sum(len(v) for v in rows.values())
 
     def close(self) -> None:

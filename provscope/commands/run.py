@@ -1,15 +1,22 @@
 """``provscope run [--name N] -- CMD ...``: run a command as a recorded task of a new run.
 
 If no agent listens on this node, one is started inside this process for the
-command's lifetime (its threads; it stops when the command ends). A new run id (UUIDv7)
-gets a run record and a task record of kind ``command`` (command line, working
-directory, start). CMD runs with ``PROVSCOPE_RUN_ID``, ``PROVSCOPE_PARENT_TASK_ID`` and
+command's lifetime (its threads; it stops when the command ends). The run id follows the
+one rule of ``provscope.job.identity`` (``PROVSCOPE_RUN_ID`` already set, else the
+launcher's job, e.g. a SLURM step started on N nodes, else a new UUIDv7), so one
+``provscope run`` per node under one launcher job makes one run, each node's command its
+own task. The run gets a run record whose name (the program name, or ``--name``) is a
+placeholder the job's own ``workflow(name, config=...)`` replaces (``origin``
+``launcher``), and a task record of kind ``command`` (command line, working directory,
+start). CMD runs with ``PROVSCOPE_RUN_ID``, ``PROVSCOPE_PARENT_TASK_ID`` and
 the agent's socket path (``PROVSCOPE_AGENT_SOCKET_PATH``) in its environment, so the
 job's own records join the run through the same agent; the agent watches CMD's process
 tree and the working directory's file system. At exit the task gets the exit code,
 duration and a resource summary (CPU seconds, peak RSS, bytes read and written), and
 ``provscope run`` exits with CMD's code (128 + N when a signal N killed it). SIGINT and
-SIGTERM are forwarded to CMD.
+SIGTERM are forwarded to CMD. The run and task end ``finished`` (exit code 0),
+``interrupted`` (Ctrl-C: SIGINT, or exit code 130), ``killed`` (SIGTERM/SIGKILL, or exit
+code 143/137) or ``failed``.
 """
 
 from __future__ import annotations
@@ -34,7 +41,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Run CMD inside a new provscope run: its process tree is sampled, its "
         "records join the run, and its exit code, duration and resource use are recorded.",
         usage="provscope run [--name NAME] [options] -- CMD [ARG ...]")
-    p.add_argument("--name", help="run name (default: the command's program name)")
+    p.add_argument("--name", help="run name when the job does not name it with "
+                   "provscope.workflow() (default: the command's program name)")
     p.add_argument("--influx-url", metavar="URL", help="InfluxDB URL for a started agent")
     p.add_argument("--lineage-url", metavar="URL", help="lineage store URL for a started agent")
     p.add_argument("--host", metavar="NAME", help="host name (host)")
@@ -51,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
     from provscope.commands import load_from_args
     from provscope.errors import ProvscopeError
     from provscope.ids import new_id
+    from provscope.job import identity
     from provscope.job.agent_client import AgentClient
     from provscope.records import RunRecord, TaskRecord
     from provscope.wire import request, socket_path
@@ -89,14 +98,14 @@ def run(args: argparse.Namespace) -> int:
             print(f"provscope: cannot connect to the agent at {sock}", file=sys.stderr)
             return 1
     host = config.host_name
-    run_id = new_id()
+    run_id = identity.resolve().run_id
     task_id = new_id()
     name = args.name or os.path.basename(cmd[0])
     cwd = os.getcwd()
     command = shlex.join(cmd)
     start_ns = time.time_ns()
     client.submit(RunRecord(run_id, name=name, host=host, start_ns=start_ns, status="running",
-                            command=command, user=_user()))
+                            command=command, user=_user(), origin="launcher"))
     child_env = dict(os.environ)
     child_env[env.RUN_ID] = run_id
     child_env[env.PARENT_TASK_ID] = task_id
@@ -111,7 +120,8 @@ def run(args: argparse.Namespace) -> int:
                                  pid=os.getpid(), start_ns=start_ns, end_ns=time.time_ns(),
                                  status="failed", error=str(exc),
                                  params={"argv": cmd, "cwd": cwd}))
-        client.submit(RunRecord(run_id, end_ns=time.time_ns(), status="failed"))
+        client.submit(RunRecord(run_id, end_ns=time.time_ns(), status="failed",
+                                origin="launcher"))
         _finish(client, agent)
         print(f"provscope: cannot run {cmd[0]!r}: {exc.strerror or exc}", file=sys.stderr)
         return 127
@@ -123,7 +133,11 @@ def run(args: argparse.Namespace) -> int:
         request(sock, framing.WATCH, {"pid": proc.pid, "run_id": run_id, "rank": None,
                                       "paths": [cwd]})
 
+    interrupted: list[int] = []
+
     def forward(signum, frame) -> None:
+        if signum == signal.SIGINT:
+            interrupted.append(signum)
         if proc.poll() is None:
             proc.send_signal(signum)
 
@@ -152,13 +166,24 @@ def run(args: argparse.Namespace) -> int:
         resources["peak_rss_bytes"] = max(resources["peak_rss_bytes"],
                                           float(usage.ru_maxrss) * 1024.0)
     code = rc if rc >= 0 else 128 - rc
-    status = "finished" if rc == 0 else "failed"
+    status = _status(rc, bool(interrupted))
     client.submit(TaskRecord(task_id, run_id, end_ns=end_ns, status=status,
                              result={"exit_code": code, "duration_s": (end_ns - start_ns) / 1e9},
                              resources=resources))
-    client.submit(RunRecord(run_id, end_ns=end_ns, status=status))
+    client.submit(RunRecord(run_id, end_ns=end_ns, status=status, origin="launcher"))
     _finish(client, agent)
     return code
+
+
+def _status(rc: int, sigint: bool) -> str:
+    """The run status of a command's return code (negative: killed by that signal)."""
+    if rc == 0:
+        return "finished"
+    if sigint or rc in (-signal.SIGINT, 128 + signal.SIGINT):
+        return "interrupted"
+    if rc in (-signal.SIGTERM, -signal.SIGKILL, 128 + signal.SIGTERM, 128 + signal.SIGKILL):
+        return "killed"
+    return "failed"
 
 
 def _wait(proc: subprocess.Popen) -> tuple[int, object]:

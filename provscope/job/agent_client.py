@@ -2,10 +2,11 @@
 
 ``submit`` appends to a bounded in-process deque and returns at once; a background
 thread (``provscope-client-send``) batches records into frames (``provscope.wire``) and
-writes them to the agent's Unix socket. When the agent goes away the client keeps
-buffering (the oldest records are dropped and counted when the buffer is full) and
-reconnects every ``client.reconnect_s``. After ``fork`` the child starts with an empty
-buffer and its own connection.
+writes them to the agent's Unix socket (the queue and thread are
+``provscope.bounded.QueueWorker``, as in the pipeline). When the agent goes away the
+client keeps buffering (the oldest records are dropped and counted when the buffer is
+full) and reconnects with backoff and jitter, at least every ``client.reconnect_s``.
+After ``fork`` the child starts with an empty buffer and its own connection.
 """
 
 from __future__ import annotations
@@ -14,15 +15,16 @@ import contextlib
 import logging
 import os
 import socket
-import threading
 import time
-from collections import deque
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from provscope import env
 from provscope import wire as fr
+from provscope.backoff import Backoff
+from provscope.bounded import QueueWorker
 from provscope.forking import reset_in_child
+from provscope.job.identity import env_rank
 from provscope.records import Point
 from provscope.wire import socket_path
 
@@ -33,9 +35,10 @@ __all__ = ["AgentClient"]
 
 log = logging.getLogger("provscope.client")
 
+_FIRST_RECONNECT_S = 0.05  # backoff window of the first reconnect attempt
 
 
-class AgentClient:
+class AgentClient(QueueWorker):
     """The job's connection to the node agent. Every method is safe to call from any
     thread; none raises; ``submit``/``submit_many`` never block.
 
@@ -44,9 +47,12 @@ class AgentClient:
     Args:
         path: the agent's socket.
         buffer_size: records held while the agent is slow or away; oldest dropped, counted.
-        reconnect_s: delay between reconnect attempts while the agent is away.
+        reconnect_s: longest delay between reconnect attempts while the agent is away
+            (attempts back off with jitter from 50 ms up to it).
         run_id, rank: announced in the hello frame (the process collector tags this
-            process tree with them); default ``$PROVSCOPE_RUN_ID`` and the rank variables.
+            process tree with them); default ``$PROVSCOPE_RUN_ID`` and the rank
+            (``provscope.job.identity.env_rank``). A run that starts later announces
+            itself with ``set_identity`` (a second hello on the same connection).
         batch_size: most records per frame.
         send_interval_s: longest time a record waits in the buffer.
     """
@@ -64,36 +70,27 @@ class AgentClient:
         sock: socket.socket | None = None,
     ) -> None:
         self.path = str(path)
-        self._size = buffer_size
         self._reconnect_s = reconnect_s
         self._run_id = run_id if run_id is not None else os.environ.get(env.RUN_ID) or None
-        self._rank = rank if rank is not None else _env_rank()
-        self._batch = batch_size
-        self._interval = send_interval_s
+        self._rank = rank if rank is not None else env_rank()
         self._sock = sock
         # A forked child (DataLoader worker) is already inside its parent's watched tree;
         # watching it separately would split the job's series.
         self._watch = True
-        self._init_state()
+        super().__init__(capacity=buffer_size, batch_size=batch_size,
+                         interval_s=send_interval_s, thread_name="provscope-client-send")
         reset_in_child(self, AgentClient._reset_after_fork)
         if sock is not None:
             self._send_hello(sock)
 
-    def _init_state(self) -> None:
+    def _reset_queue(self) -> None:
+        super()._reset_queue()
         self._pid = os.getpid()
-        self._buf: deque[Any] = deque()
-        self._wake = threading.Event()
-        self._idle = threading.Event()
-        self._idle.set()
-        self._stopping = False
-        self._thread: threading.Thread | None = None
-        self._thread_lock = threading.Lock()
         self._pending: bytes | None = None
         self._pending_n = 0
         self._hello_due = False
-        self.received = 0
+        self._reconnect = Backoff(min(_FIRST_RECONNECT_S, self._reconnect_s), self._reconnect_s)
         self.sent = 0
-        self.dropped = 0
         self.reconnects = 0
         self.send_errors = 0
 
@@ -127,48 +124,18 @@ class AgentClient:
 
     # ------------------------------------------------------------- producer side
 
-    def submit(self, record: Any) -> None:
-        """Queue one record for the agent. Never blocks or raises."""
+    def submit(self, record: Any) -> bool:
+        """Queue one record for the agent. Never blocks or raises. False when a record
+        was dropped (the buffer was full, or the client is shut down)."""
         if self._pid != os.getpid():
             self._reset_after_fork()
-        if self._stopping:
-            self.dropped += 1
-            return
-        buf = self._buf
-        if len(buf) >= self._size:
-            buf.popleft()
-            self.dropped += 1
-        buf.append(record)
-        self.received += 1
-        if self._thread is None:
-            self._start_thread()
-        if len(buf) >= self._batch:
-            self._wake.set()
+        return super().submit(record)
 
-    def submit_many(self, records: Sequence[Any]) -> None:
-        """Queue many records. Never blocks or raises."""
+    def submit_many(self, records: Sequence[Any]) -> int:
+        """Queue many records. Never blocks or raises. Returns how many were dropped."""
         if self._pid != os.getpid():
             self._reset_after_fork()
-        n = len(records)
-        if self._stopping:
-            self.dropped += n
-            return
-        buf = self._buf
-        over = len(buf) + n - self._size
-        if over > 0:
-            self.dropped += over
-            if over >= len(buf):
-                buf.clear()
-                records = records[len(records) - self._size:] if n > self._size else records
-            else:
-                for _ in range(over):
-                    buf.popleft()
-        buf.extend(records)
-        self.received += n
-        if self._thread is None:
-            self._start_thread()
-        if len(buf) >= self._batch:
-            self._wake.set()
+        return super().submit_many(records)
 
     def set_identity(self, run_id: str | None = None, rank: int | None = None) -> None:
         """Announce a (new) run id / rank to the agent (the job learned it after connect)."""
@@ -177,17 +144,9 @@ class AgentClient:
         self._hello_due = True
         self._wake.set()
         if self._thread is None:
-            self._start_thread()
+            self._start_worker()
 
     # ------------------------------------------------------------- sender side
-
-    def _start_thread(self) -> None:
-        with self._thread_lock:
-            if self._thread is not None:
-                return
-            self._thread = threading.Thread(target=self._run, name="provscope-client-send",
-                                            daemon=True)
-            self._thread.start()
 
     def _hello(self) -> bytes:
         return fr.encode_json(fr.HELLO, {"v": 1, "pid": os.getpid(), "run_id": self._run_id,
@@ -217,32 +176,33 @@ class AgentClient:
         self._sock = None
 
     def _next_frames(self) -> tuple[bytes, int]:
-        buf = self._buf
-        n = min(self._batch, len(buf))
-        batch = [buf.popleft() for _ in range(n)]
+        batch = self._take()
         points = [r for r in batch if type(r) is Point]
         frames = b""
         if points:
             frames += fr.encode_points(points)
         if len(points) != len(batch):
             frames += fr.encode_records([r for r in batch if type(r) is not Point])
-        return frames, n
+        return frames, len(batch)
 
     def _run(self) -> None:
         next_try = 0.0
+        queue = self._queue
         while True:
-            if self._pending is None and not self._buf and not self._hello_due:
+            if self._pending is None and not queue and not self._hello_due:
                 self._idle.set()
                 if self._stopping:
                     return
-                self._wake.wait(self._interval)
-                self._wake.clear()
+                self._wait_for_work(1)
                 continue
             self._idle.clear()
             if self._sock is None:
                 now = time.monotonic()
-                if now >= next_try and not self._connect():
-                    next_try = now + self._reconnect_s
+                if now >= next_try:
+                    if self._connect():
+                        self._reconnect.reset()
+                    else:
+                        next_try = now + self._reconnect.next()
                 if self._sock is None:
                     if self._stopping:
                         self._idle.set()
@@ -254,7 +214,7 @@ class AgentClient:
                 if self._hello_due:
                     self._send_hello(self._sock)
                 if self._pending is None:
-                    if not self._buf:
+                    if not queue:
                         continue
                     self._pending, self._pending_n = self._next_frames()
                 self._sock.sendall(self._pending)
@@ -265,7 +225,7 @@ class AgentClient:
                 # whole frame is sent again after the reconnect.
                 self.send_errors += 1
                 self._drop_connection()
-                next_try = time.monotonic() + self._reconnect_s
+                next_try = time.monotonic() + self._reconnect.next()
 
     # ------------------------------------------------------------- control
 
@@ -274,16 +234,8 @@ class AgentClient:
 
         Blocks up to ``timeout_s``. True when nothing is left in this process.
         """
-        deadline = time.monotonic() + timeout_s
-        if self._thread is None:
-            return not self._buf
-        while time.monotonic() < deadline:
-            self._wake.set()
-            if not self._buf and self._pending is None and self._idle.wait(0.01) \
-                    and not self._buf and self._pending is None:
-                return True
-            time.sleep(0.002)
-        return False
+        return self._wait_drained(time.monotonic() + timeout_s,
+                                  busy=lambda: self._pending is not None)
 
     def shutdown(self, timeout_s: float = 5.0) -> None:
         """Flush within the deadline, stop the sender, close the socket. Idempotent;
@@ -292,14 +244,12 @@ class AgentClient:
             return
         deadline = time.monotonic() + timeout_s
         self.flush(timeout_s)
-        self._stopping = True
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(max(0.0, deadline - time.monotonic()))
-        left = len(self._buf) + (self._pending_n if self._pending is not None else 0)
-        self.dropped += left
-        self._buf.clear()
-        self._pending = None
+        self._stop_accepting()
+        self._join(deadline)
+        self._drop_queued()
+        if self._pending is not None:
+            self.dropped += self._pending_n
+            self._pending = None
         self._drop_connection()
 
     def stats(self) -> dict[str, float]:
@@ -308,7 +258,7 @@ class AgentClient:
             "points_received_total": float(self.received),
             "points_written_total": float(self.sent),
             "points_dropped_total": float(self.dropped),
-            "queue_depth": float(len(self._buf)),
+            "queue_depth": float(len(self._queue)),
             "connected": float(self._sock is not None),
             "reconnects_total": float(self.reconnects),
         }
@@ -326,7 +276,7 @@ class AgentClient:
                 os.close(self._sock.detach())
         self._sock = None
         self._watch = False
-        self._init_state()
+        self._reset_queue()
 
     def __enter__(self) -> AgentClient:
         return self
@@ -334,13 +284,3 @@ class AgentClient:
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
 
-
-def _env_rank() -> int | None:
-    for var in (env.RANK, "RANK", "LOCAL_RANK"):
-        value = os.environ.get(var)
-        if value is not None:
-            try:
-                return int(value)
-            except ValueError:
-                return None
-    return None

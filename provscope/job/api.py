@@ -34,7 +34,8 @@ _implicit_lock = threading.Lock()
 
 
 def workflow(name: str, config: Any = None, *, campaign: str | None = None,
-             parent_run_id: str | None = None, settings: Any = None) -> Run:
+             parent_run_id: str | None = None, settings: Any = None,
+             run_id: str | None = None) -> Run:
     """A new run, to use as ``with provscope.workflow("train", config=cfg) as run:``.
 
     Args:
@@ -45,13 +46,19 @@ def workflow(name: str, config: Any = None, *, campaign: str | None = None,
         parent_run_id: the run this one belongs to (default: the enclosing workflow).
         settings: provscope settings: a ``Config``, a mapping of dotted overrides
             (``{"influxdb.url": ...}``), a YAML path, or None (file/env defaults).
+        run_id: the run to record into (every process that names it writes into the
+            same run). Default: ``provscope.job.identity``'s rule: ``PROVSCOPE_RUN_ID``,
+            else the launcher's job (torchrun, SLURM step, MPI), else rank 0's id over
+            torch.distributed, else a new id. A workflow inside another is a child run.
 
-    Rank 0 writes the run's start and end records; every rank writes its tasks. With
-    ``PROVSCOPE_RUN_ID`` set (by ``provscope run``) the workflow joins that run instead.
+    Every rank of a job writes into the same run: its partial run record (rank 0's name,
+    config, code and environment win), its tasks and its points. Creating it blocks only
+    in one case: a rank other than 0, torch.distributed initialised and no launcher job
+    id, waits (up to ``client.identity_wait_s``) for rank 0's run id.
     """
     try:
         return Run(name, config, settings=settings, campaign=campaign,
-                   parent_run_id=parent_run_id)
+                   parent_run_id=parent_run_id, run_id=run_id)
     except Exception:
         log_.warning("provscope: cannot start workflow %r; recording disabled for it", name,
                      exc_info=True)
@@ -99,7 +106,12 @@ def _install_excepthook(run: Run) -> None:
 def _close_implicit() -> None:
     run = _implicit
     if run is not None:
-        run.finish("failed" if _uncaught else "finished")
+        if not _uncaught:
+            run.finish("finished")
+        elif any(isinstance(exc, KeyboardInterrupt) for exc in _uncaught):
+            run.finish("interrupted")
+        else:
+            run.finish("failed")
 
 
 def log(step: int | None = None, **scalars: Any) -> None:

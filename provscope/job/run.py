@@ -27,7 +27,6 @@ from __future__ import annotations
 import getpass
 import logging
 import os
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -36,12 +35,13 @@ from typing import Any, TypeVar
 from provscope import env
 from provscope.config import Config, load_config
 from provscope.errors import ConfigError
-from provscope.ids import new_id
-from provscope.job import capture, context
+from provscope.ids import content_id, entity_key, new_id
+from provscope.job import capture, context, identity
 from provscope.job.context import run_var, task_var
 from provscope.job.sink import Sink, get_sink
 from provscope.records import (
     ENTITY_KINDS,
+    RUN_STATUSES,
     TASK_KINDS,
     EntityRecord,
     Point,
@@ -69,20 +69,15 @@ def enabled() -> bool:
 
 
 def detect_rank() -> int:
-    """``PROVSCOPE_RANK``, else ``RANK``, else torch.distributed when initialised, else 0."""
-    for name in (env.RANK, "RANK"):
-        value = os.environ.get(name)
-        if value is not None and value.strip().lstrip("-").isdigit():
-            return int(value)
-    torch = sys.modules.get("torch")  # never import torch just to ask
-    if torch is not None:
-        try:
-            dist = torch.distributed
-            if dist.is_available() and dist.is_initialized():
-                return int(dist.get_rank())
-        except Exception:
-            pass
-    return 0
+    """The process's global rank (``provscope.job.identity.detect_rank``)."""
+    return identity.detect_rank()
+
+
+def _stopped_by(exc: BaseException | None) -> str:
+    """The status an exception ends a run or task with (Ctrl-C: ``interrupted``)."""
+    if exc is None:
+        return "finished"
+    return "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
 
 
 def _resolve_settings(settings: Any) -> Config:
@@ -223,9 +218,16 @@ class Run:
 
     Create it with ``provscope.workflow(...)``. Attributes: ``run_id``, ``name``, ``host``,
     ``rank``, ``config`` (provscope settings), ``hparams`` (the user's config, JSON-safe),
-    ``owner`` (False when joining a run started by ``provscope run``), ``errors``
-    (exceptions swallowed), ``counts`` (tasks started; points, entities, relations and
-    run records emitted).
+    ``id_source`` (how the run id was found: ``provscope.job.identity``; ``child`` for a
+    workflow inside another), ``origin`` (the claim of this process's run record:
+    ``provscope.records.RUN_ORIGINS``), ``owner`` (False when joining a run started by
+    ``provscope run``), ``errors`` (exceptions swallowed), ``counts`` (tasks started;
+    points, entities, relations and run records emitted; ``late``: records refused
+    because the run had ended).
+
+    Every process of a job writes its partial run record at start (rank 0's values win in
+    the stores) and rank 0 the end record; another rank writes an end record only when it
+    failed or was interrupted.
     """
 
     def __init__(
@@ -236,6 +238,7 @@ class Run:
         settings: Any = None,
         campaign: str | None = None,
         parent_run_id: str | None = None,
+        run_id: str | None = None,
         implicit: bool = False,
         disabled: bool = False,
     ) -> None:
@@ -247,32 +250,109 @@ class Run:
         self.rank = detect_rank()
         self.campaign = campaign
         self.parent_run_id = parent_run_id
-        joined = os.environ.get(env.RUN_ID, "").strip()
         outer = context.context_run()
-        if joined and (outer is None or outer.implicit or outer.run_id == joined):
-            # Started by `provscope run`: join its run; it owns the run's start and end.
-            self.run_id = joined
-            self.owner = False
-            self.root_parent: str | None = os.environ.get(env.PARENT_TASK_ID) or None
+        self.top_level = outer is None or outer.implicit
+        self.root_parent: str | None = None
+        self._pending = False
+        self._children: dict[str, int] = {}
+        if run_id or self.top_level:
+            found = identity.resolve(
+                run_id, share=identity.SHARE if self.enabled else None,
+                wait_s=self.config.client.identity_wait_s)
+            self._run_id, self.id_source, self._pending = found.run_id, found.source, \
+                found.pending
+            if self.parent_run_id is None:
+                self.parent_run_id = found.parent_run_id
+            if found.source == "env":  # started by `provscope run`: under its command task
+                self.root_parent = os.environ.get(env.PARENT_TASK_ID) or None
+            self._shared = found.shared
         else:
-            self.run_id = new_id()
-            self.owner = True
-            self.root_parent = None
-            if self.parent_run_id is None and outer is not None and not outer.implicit:
+            # A workflow inside another: a child run. Every rank derives the same id when
+            # the enclosing run is shared, so their child runs are one run too.
+            assert outer is not None
+            n = outer._children.get(name, 0)
+            outer._children[name] = n + 1
+            self._shared = outer._shared
+            self._run_id = identity.child_run_id(outer.run_id, name, n) if self._shared \
+                else new_id()
+            self.id_source = "child"
+            if self.parent_run_id is None:
                 self.parent_run_id = outer.run_id
+        self.owner = self.id_source != "env"
+        self.origin = "implicit" if implicit else ("job" if self.rank == 0 else "worker")
         self.hparams = capture.to_jsonable(hparams) if hparams is not None else None
         self.status = "created"
         self.errors = 0
-        self.counts = {"points": 0, "tasks": 0, "entities": 0, "relations": 0, "runs": 0}
+        self.counts = {"points": 0, "tasks": 0, "entities": 0, "relations": 0, "runs": 0,
+                       "late": 0}
         self.step: int | None = None
         self.epoch: int | None = None
-        self._tags = {"run_id": self.run_id, "host": self.host, "rank": str(self.rank)}
+        self._tags_ = {"run_id": self._run_id, "host": self.host, "rank": str(self.rank)}
         self._sink: Sink | None = get_sink(self.config) if self.enabled else None
         self._owner_thread = threading.get_ident()
         self._main_stack: list[str] = []
         self._tokens: tuple[Any, Any] | None = None
         self._start_ns: int | None = None
+        self._start_due = False
         self._warned: set[str] = set()
+        #: Entity ids of the models ``watch()`` recorded in this run (checkpoints derive
+        #: from them).
+        self.model_entity_ids: list[str] = []
+        # Last checkpoint per set of models it derives from (the next one derives from it).
+        self._last_checkpoint: dict[tuple[str, ...], str] = {}
+
+    # ------------------------------------------------------------------ identity
+
+    @property
+    def run_id(self) -> str:
+        """The run's id. Under a launcher without a job id, a rank other than 0 learns
+        rank 0's id when torch.distributed is up (reading it then may wait, once, up to
+        ``client.identity_wait_s``)."""
+        if self._pending:
+            self._settle()
+        return self._run_id
+
+    @property
+    def _tags(self) -> dict[str, str]:
+        if self._pending:
+            self._settle()
+        return self._tags_
+
+    def _settle(self) -> None:
+        """Take rank 0's run id over torch.distributed once it is initialised (rank 0
+        publishes its own). Before that, this does nothing."""
+        state = identity.dist_state()
+        if state is None or not self._pending:
+            return
+        self._pending = False
+        try:
+            if state[0] == 0:
+                identity.SHARE.publish(self._run_id)
+                return
+            shared = identity.SHARE.fetch(self.config.client.identity_wait_s)
+            if shared is not None and shared != self._run_id:
+                self._run_id = shared
+                self._tags_ = {**self._tags_, "run_id": shared}
+            if self._start_due:
+                self._start_due = False
+                self.emit(self._run_record(start=True))
+            self._announce()
+        except Exception:
+            self.errors += 1
+
+    def _announce(self) -> None:
+        """Tell the node agent which run and rank this process belongs to, so that its
+        process series carry them (the agent connection said hello before the run was
+        known)."""
+        if not self.top_level or self._sink is None:
+            return
+        try:
+            backend = getattr(self._sink, "backend", None)
+            announce = getattr(backend, "set_identity", None)
+            if announce is not None:
+                announce(self._run_id, self.rank)
+        except Exception:
+            self.errors += 1
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -286,24 +366,42 @@ class Run:
             if not self.implicit:
                 self._tokens = (run_var.set(self), task_var.set(self.root_parent))
                 context.push_run(self)
-            if self.enabled and self.owner and self.rank == 0:
-                self.emit(self._run_record(start=True))
+            if self.enabled:
+                if self._pending and self.rank != 0:
+                    self._start_due = True  # written under rank 0's id once it is known
+                else:
+                    self.emit(self._run_record(start=True))
+                self._announce()
         except Exception:
             self.errors += 1
         return self
 
     def finish(self, status: str = "finished", error: BaseException | None = None) -> None:
-        """Close the run: end record with ``status`` (finished/failed). Idempotent."""
+        """Close the run: end record with ``status`` (one of ``RUN_STATUSES``). Idempotent.
+
+        Rank 0 always writes the end record; another rank only when its status is not
+        ``finished`` (its failure is the run's; its success says nothing of the others).
+        Records emitted after this are refused and counted in ``counts["late"]``.
+        """
         if self.status not in ("running", "created"):
             return
-        self.status = status
+        if status not in RUN_STATUSES or status == "running":
+            self._warn_once(f"status:{status}", f"run status {status!r} is not one of "
+                            f"{', '.join(RUN_STATUSES[1:])}; recorded as 'failed'")
+            status = "failed"
         try:
-            if self.enabled and self.owner and self.rank == 0:
-                self.emit(RunRecord(run_id=self.run_id, end_ns=time.time_ns(), status=status))
+            if self.enabled:
+                if self._start_due:  # rank 0's id never came: keep this rank's own
+                    self._pending = self._start_due = False
+                    self.emit(self._run_record(start=True))
+                if self.rank == 0 or status != "finished":
+                    self.emit(RunRecord(run_id=self._run_id, end_ns=time.time_ns(),
+                                        status=status, origin=self.origin))
         except Exception:
             self.errors += 1
+        self.status = status
         if error is not None:
-            log_.debug("run %s failed: %s", self.run_id, _error_text(error))
+            log_.debug("run %s ended %s: %s", self._run_id, status, _error_text(error))
         _reset_context(self._tokens)
         self._tokens = None
         context.pop_run(self)
@@ -312,7 +410,7 @@ class Run:
         return self.start()
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
-        self.finish("failed" if exc is not None else "finished", exc)
+        self.finish(_stopped_by(exc), exc)
         return False
 
     def _run_record(self, start: bool) -> RunRecord:
@@ -327,14 +425,22 @@ class Run:
             else ({"value": self.hparams} if self.hparams is not None else None),
             code=capture.code_version(capture.script_dir()) or None,
             environment=capture.environment(), command=capture.command_line(),
+            origin=self.origin,
         )
 
     # ------------------------------------------------------------------ emitting
 
     def emit(self, record: Any) -> None:
-        """Hand any Point or lineage record to the sink. Never blocks, never raises."""
+        """Hand any Point or lineage record to the sink. Never blocks, never raises.
+
+        After the run ended, records are not written into it: they are counted in
+        ``counts["late"]`` and reported once in the log.
+        """
         sink = self._sink
         if sink is None:
+            return
+        if self.status not in ("running", "created"):
+            self._late()
             return
         try:
             sink.submit(record)
@@ -343,6 +449,13 @@ class Run:
                 self.counts[key] += 1
         except Exception:
             self.errors += 1
+
+    def _late(self) -> None:
+        self.counts["late"] += 1
+        if self.counts["late"] == 1:
+            log_.warning("provscope: run %r (%s) has ended; records emitted after its end "
+                         "are not written into it (counted in run.counts['late'])",
+                         self.name, self._run_id)
 
     def flush(self, timeout_s: float = 10.0) -> bool:
         """Wait up to ``timeout_s`` until this run's records are written. Blocks."""
@@ -456,7 +569,7 @@ class Run:
             task_id=task.task_id, run_id=self.run_id, parent_task_id=task.parent_task_id,
             name=task.name, task_kind=task.kind, host=self.host, rank=self.rank,
             pid=os.getpid(), start_ns=task.start_ns, end_ns=time.time_ns(),
-            status="failed" if failed else "finished",
+            status=_stopped_by(exc) if failed else "finished",
             error=_error_text(exc) if failed and exc is not None else None,
             result=task.result or None, resources=resources,
         ))
@@ -476,21 +589,28 @@ class Run:
 
     def produce(self, path_or_uri: str | os.PathLike[str], kind: str = "checkpoint",
                 step: int | None = None, *, role: str | None = None, name: str | None = None,
-                task_id: str | None = None, **attrs: Any) -> str:
+                task_id: str | None = None, derived_from: str | Iterable[str] | None = None,
+                **attrs: Any) -> str:
         """Record that the current task (or the run) generated a file or URI.
 
         ``step`` (default: the current ``steps()`` step) goes into the attributes.
-        Hashing as for ``use``. Returns the entity id. Never raises.
+        ``derived_from``: entity ids the output was derived from (``derived`` relations,
+        prov:wasDerivedFrom). A ``checkpoint`` is derived by default from the models
+        ``watch()`` recorded in this run (``model_entity_ids``), and always from the
+        run's previous checkpoint of the same models. Hashing as for ``use``. Returns
+        the entity id. Never raises.
         """
         return self._entity("generated", path_or_uri, kind, role, name, task_id,
-                            step if step is not None else self.step, attrs)
+                            step if step is not None else self.step, attrs, derived_from)
 
     def _entity(self, relation: str, path_or_uri: Any, kind: str, role: str | None,
                 name: str | None, task_id: str | None, step: int | None,
-                attrs: Mapping[str, Any]) -> str:
-        entity_id = new_id()
+                attrs: Mapping[str, Any], derived_from: Any = None) -> str:
+        # The id comes from the content (ids.entity_key): the same bytes are one entity in
+        # every run. A value that is not a path has no key and gets a new id.
+        entity_id = ""
         if self._sink is None:
-            return entity_id
+            return new_id()
         try:
             attributes = {k: capture.summarise(v) for k, v in attrs.items()}
             if kind not in ENTITY_KINDS:
@@ -507,6 +627,11 @@ class Run:
             attributes.update(found["attributes"])
             if step is not None:
                 attributes["step"] = int(step)
+            mtime = found["attributes"].get("mtime_ns")
+            key = entity_key(digest=found["digest"], uri=found["uri"],
+                             size_bytes=found["size_bytes"],
+                             mtime_ns=mtime if isinstance(mtime, int) else None)
+            entity_id = content_id(key) if key else new_id()
             now = time.time_ns()
             self.emit(EntityRecord(
                 entity_id=entity_id, entity_kind=kind, uri=found["uri"], run_id=self.run_id,
@@ -516,9 +641,33 @@ class Run:
             subject = task_id or self.current_task_id() or self.run_id
             self.emit(RelationRecord(relation, subject, entity_id, run_id=self.run_id,
                                      role=role or kind, time_ns=now))
+            if relation == "generated":
+                self._derive(entity_id, kind, derived_from, now)
         except Exception:
             self.errors += 1
-        return entity_id
+        return entity_id or new_id()
+
+    def _derive(self, entity_id: str, kind: str, derived_from: Any, now: int) -> None:
+        """``derived`` relations of a generated entity: its explicit sources; for a
+        checkpoint, the watched models by default and the previous checkpoint of the
+        same models in this run."""
+        if derived_from is None:
+            sources = list(self.model_entity_ids) if kind == "checkpoint" else []
+        elif isinstance(derived_from, str):
+            sources = [derived_from]
+        else:
+            sources = [str(source) for source in derived_from]
+        models = tuple(sorted(m for m in sources if m in self.model_entity_ids))
+        roles = {source: "model" if source in models else "source" for source in sources}
+        if kind == "checkpoint":
+            previous = self._last_checkpoint.get(models)
+            if previous is not None:
+                roles.setdefault(previous, "previous_checkpoint")
+            self._last_checkpoint[models] = entity_id
+        for source, role in roles.items():
+            if source and source != entity_id:  # unchanged bytes saved again: no self-loop
+                self.emit(RelationRecord("derived", entity_id, source, run_id=self.run_id,
+                                         role=role, time_ns=now))
 
     # ------------------------------------------------------------------ loops
 

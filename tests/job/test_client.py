@@ -217,19 +217,35 @@ def test_workflow_joins_the_run_named_in_the_environment(memory, monkeypatch):
     with provscope.workflow("joined") as run, run.task("prep"):
         pass
     assert run.run_id == "run-from-provscope-run" and not run.owner
-    assert records(memory, RunRecord) == []  # the owner writes the run's start and end
+    # The job's own name and config go into the launcher's run (origin job wins there).
+    start, end = records(memory, RunRecord)
+    assert (start.run_id, start.name, start.origin, start.status) == \
+        ("run-from-provscope-run", "joined", "job", "running")
+    assert (end.run_id, end.status) == ("run-from-provscope-run", "finished")
     task = by_name(merged_tasks(memory), "prep")
     assert task["run_id"] == "run-from-provscope-run"
     assert task["parent_task_id"] == "command-task"
 
 
-def test_non_zero_rank_writes_tasks_but_not_the_run_record(memory, monkeypatch):
+def test_non_zero_rank_writes_a_partial_run_record_and_no_end_when_it_finishes(memory,
+                                                                              monkeypatch):
     monkeypatch.setenv("RANK", "3")
-    with provscope.workflow("ddp") as run, run.task("shard"):
+    monkeypatch.setenv("PROVSCOPE_RUN_ID", "shared-run")
+    with provscope.workflow("ddp", config={"lr": 0.1}) as run, run.task("shard"):
         pass
     assert run.rank == 3
-    assert records(memory, RunRecord) == []
+    [start] = records(memory, RunRecord)  # its success says nothing of the other ranks
+    assert (start.run_id, start.name, start.config, start.origin) == \
+        ("shared-run", "ddp", {"lr": 0.1}, "worker")
     assert by_name(merged_tasks(memory), "shard")["rank"] == 3
+
+
+def test_non_zero_rank_that_fails_writes_the_runs_end(memory, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(ValueError), provscope.workflow("ddp"):
+        raise ValueError("rank 1 broke")
+    start, end = records(memory, RunRecord)
+    assert (end.status, end.origin) == ("failed", "worker") and end.run_id == start.run_id
 
 
 def test_nested_workflow_records_its_parent_run(memory):
