@@ -242,6 +242,7 @@ class Agent:
             out["points_collected_total"] = float(self.scheduler.points_total)
             out["collector_errors_total"] = float(self.scheduler.collector_errors)
             out["ticks_skipped_total"] = float(self.scheduler.ticks_skipped)
+            out["collect_overruns_total"] = float(self.scheduler.overruns)
             out["collectors_active"] = self.scheduler.active
             total += self.scheduler.points_total
         if self.ingest is not None:

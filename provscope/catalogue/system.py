@@ -166,6 +166,7 @@ AGENT = [
     _g("agent", "points_per_second", "points", "Points per second handed to the pipeline over the last interval."),
     _c("agent", "collector_errors_total", "count", "Exceptions raised by collectors."),
     _c("agent", "ticks_skipped_total", "count", "Scheduler ticks skipped because sampling ran late."),
+    _c("agent", "collect_overruns_total", "count", "Collects of a collector on its own lane (NVML, amdsmi) that ran past their deadline; their points are dropped."),
     _g("agent", "collectors_active", "count", "Collectors sampling now (not disabled or unavailable).", dtype="int"),
 ]
 

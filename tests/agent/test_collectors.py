@@ -36,6 +36,7 @@ def _all_collectors(ps, nvml, amd):
              "ingest_records_total": 0.0, "ingest_frames_total": 0.0,
              "ingest_frames_rejected_total": 0.0, "ingest_connections": 0,
              "collector_errors_total": 0.0, "ticks_skipped_total": 0.0, "collectors_active": 9,
+             "collect_overruns_total": 0.0,
              "points_total": 10.0}
     return [
         CpuCollector("h", ps), MemoryCollector("h", ps), DiskCollector("h", ps),

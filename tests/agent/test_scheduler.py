@@ -19,8 +19,11 @@ class Probe:
 
     name: ClassVar[str] = "probe"
 
-    def __init__(self, name="probe", *, sleep_s=0.0, fail=False, unavailable=0) -> None:
+    def __init__(self, name="probe", *, sleep_s=0.0, fail=False, unavailable=0,
+                 isolated=False, block: threading.Event | None = None) -> None:
         self.name = name
+        self.isolated = isolated
+        self.block = block
         self.sleep_s = sleep_s
         self.fail = fail
         self.unavailable = unavailable  # open() fails this many times
@@ -41,6 +44,8 @@ class Probe:
             raise RuntimeError("sensor exploded")
         if self.sleep_s:
             time.sleep(self.sleep_s)
+        if self.block is not None:
+            self.block.wait()  # a driver call that does not return
         return [Point("cpu", {"host": "h"}, {"usage_percent": 1.0}, now_ns)]
 
     def close(self):
@@ -124,3 +129,70 @@ def test_stop_wakes_the_thread_at_once_even_with_long_intervals():
 def test_interval_must_be_positive():
     with pytest.raises(ValueError, match="interval_s must be > 0"):
         Scheduler([Scheduled(Probe(), 0)], list)
+
+
+# ------------------------------------------------------------------------------- lanes
+
+
+def test_a_hung_collector_in_its_lane_does_not_stall_the_others(caplog):
+    release = threading.Event()
+    hung = Probe("hung", isolated=True, block=release)
+    cpu = Probe("cpu")
+    s = Scheduler([Scheduled(hung, 0.05), Scheduled(cpu, 0.05)], list)
+    try:
+        with caplog.at_level(logging.WARNING, logger="provscope.scheduler"):
+            s.start()
+            time.sleep(0.6)
+            status = s.status()
+            t0 = time.monotonic()
+            s.stop(timeout_s=0.3)
+            stop_took = time.monotonic() - t0
+    finally:
+        release.set()
+    assert len(hung.times) == 1 and hung.threads == {"provscope-collect-hung"}
+    assert len(cpu.times) >= 8 and cpu.threads == {"provscope-collect"}
+    assert status["hung"]["lane"] is True and status["hung"]["overruns"] == 1
+    assert status["hung"]["busy_s"] > 0.3
+    assert "lane" not in status["cpu"]
+    assert s.overruns == 1
+    assert stop_took < 1.0
+    assert not hung.closed and cpu.closed  # never closed under the hung call
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("hung: collect running for" in m for m in messages) == 1
+    assert any("hung is stuck in collect" in m for m in messages)
+
+
+def test_a_late_collect_is_counted_and_its_stale_points_dropped():
+    slow = Probe("slow", isolated=True, sleep_s=0.12)
+    s, got = _run([Scheduled(slow, 0.05)], 0.65)
+    st = s.status()["slow"]
+    assert st["samples"] >= 3 and got == []  # every collect overran its 0.05 s deadline
+    assert st["late_points"] == st["samples"] and st["overruns"] == st["samples"]
+    assert st["skipped"] >= 4  # the grid still skips the missed ticks
+    ok = Probe("ok", isolated=True, sleep_s=0.12)
+    s, got = _run([Scheduled(ok, 0.05, deadline_s=1.0)], 0.4)
+    assert got and s.status()["ok"]["overruns"] == 0  # a longer deadline keeps them
+
+
+def test_a_hung_nvml_call_does_not_stop_cpu_sampling(fake_nvml):
+    from provscope.agent.collectors.nvml import NvmlCollector
+
+    nv = fake_nvml()
+    nv.hang = threading.Event()  # nvmlDeviceGetUtilizationRates blocks until set
+    cpu = Probe("cpu")
+    got: list = []
+    s = Scheduler([Scheduled(NvmlCollector("h", nv, xid_events=False), 0.05),
+                   Scheduled(cpu, 0.05)], got.extend)
+    try:
+        s.start()
+        time.sleep(0.5)
+        assert len(cpu.times) >= 6
+        assert s.status()["nvml"]["overruns"] == 1
+        nv.hang.set()  # the driver answers again: sampling goes on
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline and not any(p.measurement == "gpu" for p in got):
+            time.sleep(0.02)
+    finally:
+        nv.hang.set()
+        s.stop()
+    assert any(p.measurement == "gpu" and p.fields["up"] == 1 for p in got)
