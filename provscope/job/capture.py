@@ -341,10 +341,17 @@ def _nvidia_driver() -> str | None:
 
 
 class _Gpu:
-    """NVML energy counter of the GPUs this process uses; absent GPUs cost nothing."""
+    """NVML energy counter of the GPU this process uses; absent GPUs cost nothing.
 
-    def __init__(self) -> None:
-        self.handles: list[Any] | None = None
+    The NVML device is found by UUID, not at the CUDA index: the two numberings differ
+    under ``CUDA_VISIBLE_DEVICES`` (``provscope.agent.collectors.nvml_devices``). A MIG
+    instance reads its whole GPU's counter (NVML has no per-instance energy).
+    """
+
+    def __init__(self, nvml_module: Any = None) -> None:
+        self.nv = nvml_module
+        # CUDA index -> NVML handle (None: no answer for that device)
+        self.handles: dict[int, Any] | None = None
 
     def energy_mj(self) -> float | None:
         torch = sys.modules.get("torch")
@@ -353,24 +360,34 @@ class _Gpu:
         try:
             if not torch.cuda.is_initialized():
                 return None
+            index = int(torch.cuda.current_device())
         except Exception:
             return None
         if self.handles is None:
-            self.handles = []
+            self.handles = {}
             try:
-                import pynvml
+                if self.nv is None:
+                    import pynvml
 
-                pynvml.nvmlInit()
-                self.handles = [pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())]
+                    self.nv = pynvml
+                self.nv.nvmlInit()
             except Exception:
-                self.handles = []
-        if not self.handles:
+                self.nv = None
+        if self.nv is None:
+            return None
+        if index not in self.handles:
+            try:
+                from provscope.agent.collectors.nvml_devices import resolve_cuda_device
+
+                self.handles[index] = resolve_cuda_device(self.nv, index, torch=torch,
+                                                          whole_gpu=True)
+            except Exception:
+                self.handles[index] = None
+        handle = self.handles[index]
+        if handle is None:
             return None
         try:
-            import pynvml
-
-            return float(sum(pynvml.nvmlDeviceGetTotalEnergyConsumption(h)
-                             for h in self.handles))
+            return float(self.nv.nvmlDeviceGetTotalEnergyConsumption(handle))
         except Exception:
             return None
 

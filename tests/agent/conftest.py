@@ -261,7 +261,9 @@ class FakeNvml:
 
     def nvmlDeviceGetTotalEnergyConsumption(self, h):
         self._enter("nvmlDeviceGetTotalEnergyConsumption", h)
-        return 5_000_000  # mJ
+        if h >= 100:
+            raise NVMLError(NOT_SUPPORTED)  # board counters exist on the whole GPU only
+        return 5_000_000 + 1_000_000 * h  # mJ
 
     def nvmlDeviceGetTemperature(self, h, sensor):
         self._enter("nvmlDeviceGetTemperature", h)

@@ -5,11 +5,14 @@ GPM, MIG, device selection by UUID and per-process memory."""
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 from provscope.agent.collectors.nvml import NvmlCollector, decode_clock_events
+from provscope.agent.collectors.nvml_devices import cuda_uuid, resolve_cuda_device
 from provscope.agent.collectors.process import Watched
 
 from provscope.errors import CollectorUnavailable
@@ -51,8 +54,6 @@ def test_nvml_missing_library_makes_the_collector_unavailable(fake_nvml):
 
 
 def test_nvml_without_nvidia_ml_py_installed_is_unavailable_not_a_crash(monkeypatch):
-    import sys
-
     monkeypatch.setitem(sys.modules, "pynvml", None)
     with pytest.raises(CollectorUnavailable, match="nvidia-ml-py"):
         NvmlCollector("h").open()
@@ -334,3 +335,52 @@ def test_not_supported_codes_are_permanent_per_device_not_per_node(fake_nvml):
     assert "encoder_utilization_percent" not in gpus["0"].fields
     assert gpus["1"].fields["encoder_utilization_percent"] == 3.0
     assert nv.calls["nvmlDeviceGetEncoderUtilization"] == 1 + 3
+
+
+# ------------------------------------------------------------------------- CUDA -> NVML
+
+
+def _torch(uuids, *, initialised=True, current=0):
+    """torch.cuda as capture and the resolver read it: uuid as CUDA prints it (no prefix)."""
+    props = [SimpleNamespace(**({"uuid": u} if u is not None else {})) for u in uuids]
+    return SimpleNamespace(cuda=SimpleNamespace(
+        is_initialized=lambda: initialised, current_device=lambda: current,
+        get_device_properties=lambda i: props[i]))
+
+
+@pytest.mark.parametrize(("torch_uuids", "visible", "cuda_index", "nvml_handle"), [
+    (["0000-1"], "1", 0, 1),            # torch knows the device: its UUID wins
+    (["0000-101"], "MIG-0000-101", 0, 101),  # a MIG instance by its UUID
+    ([None], "GPU-0000-1", 0, 1),       # older torch without uuid: the variable's UUID
+    ([None], "GPU-0000-1,GPU-0000-0", 1, 0),
+    ([None], "1,0", 0, 1),              # integers are NVML (PCI bus) indices
+    ([None], "GPU-0000", 0, None),      # an ambiguous prefix: cannot tell
+    ([None], "", 0, None),              # no visible device
+    ([None], "0,-1,1", 1, None),        # CUDA stops at -1
+    ([None], None, 1, 1),               # unset: same index
+])
+def test_cuda_device_resolves_to_the_nvml_device_by_uuid(fake_nvml, torch_uuids, visible,
+                                                         cuda_index, nvml_handle):
+    environ = {} if visible is None else {"CUDA_VISIBLE_DEVICES": visible}
+    torch = _torch(torch_uuids * (cuda_index + 1))
+    got = resolve_cuda_device(fake_nvml(), cuda_index, torch=torch, environ=environ)
+    assert got == nvml_handle
+    if nvml_handle is not None:
+        expected = f"MIG-0000-{got}" if got >= 100 else f"GPU-0000-{got}"
+        assert cuda_uuid(fake_nvml(), cuda_index, torch=torch, environ=environ) == expected
+
+
+def test_task_energy_reads_the_gpu_the_job_runs_on_not_the_cuda_index(fake_nvml,
+                                                                     monkeypatch):
+    from provscope.job.capture import _Gpu
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")  # CUDA device 0 is NVML GPU 1
+    monkeypatch.setitem(sys.modules, "torch", _torch(["0000-1"]))
+    assert _Gpu(fake_nvml()).energy_mj() == 6_000_000.0  # GPU 1's counter, not GPU 0's
+    monkeypatch.setitem(sys.modules, "torch", _torch([None]))  # torch without uuid
+    assert _Gpu(fake_nvml()).energy_mj() == 6_000_000.0
+    # A MIG instance: NVML has energy for the whole GPU only.
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "MIG-0000-100")
+    assert _Gpu(fake_nvml()).energy_mj() == 6_000_000.0
+    monkeypatch.setitem(sys.modules, "torch", _torch([None], initialised=False))
+    assert _Gpu(fake_nvml()).energy_mj() is None  # CUDA not in use: nothing read
