@@ -6,6 +6,11 @@ pipeline's ``submit_many``). A bad frame is rejected and counted and the stream 
 an oversized header, or a connection that keeps sending garbage, closes that connection
 only. The socket file is ``0600`` in a ``0700`` directory: only the agent's user can
 connect. The job's side is ``provscope.job.agent_client.AgentClient``.
+
+The PIDs in HELLO and WATCH frames are the sender's view; a job in a container has its
+own PID namespace. Each connection's peer PID (``SO_PEERCRED``, already in the agent's
+namespace) turns them into PIDs the agent's process collector and NVML (host PIDs) can
+match (``provscope.agent.peer``).
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from provscope.agent.peer import agent_pid, peer_pid
 
 from provscope import wire as fr
 from provscope.records import Point
@@ -126,13 +133,13 @@ class IngestServer:
                 self._conns.add(conn)
                 self._n += 1
                 n = self._n
-            t = threading.Thread(target=self._serve, args=(conn,),
+            t = threading.Thread(target=self._serve, args=(conn, peer_pid(conn)),
                                  name=f"provscope-ingest-{n}", daemon=True)
             self._threads = [x for x in self._threads if x.is_alive()]
             self._threads.append(t)
             t.start()
 
-    def _serve(self, conn: socket.socket) -> None:
+    def _serve(self, conn: socket.socket, peer: int | None = None) -> None:
         decoder = fr.FrameDecoder(self._max)
         buf = bytearray(1 << 20)
         view = memoryview(buf)
@@ -164,7 +171,7 @@ class IngestServer:
                         continue
                     self.frames += 1
                     try:
-                        self._handle(conn, ftype, body)
+                        self._handle(conn, ftype, body, peer)
                         bad_in_a_row = 0
                     except fr.BadFrame as exc:
                         self.rejected += 1
@@ -183,7 +190,8 @@ class IngestServer:
             with contextlib.suppress(OSError):
                 conn.close()
 
-    def _handle(self, conn: socket.socket, ftype: int, body: bytes) -> None:
+    def _handle(self, conn: socket.socket, ftype: int, body: bytes,
+                peer: int | None = None) -> None:
         if ftype == fr.POINTS:
             points = fr.decode_points(body)
             self.points += len(points)
@@ -203,14 +211,18 @@ class IngestServer:
                     (rank is not None and type(rank) is not int):
                 raise fr.BadFrame("hello run_id must be a string and rank an integer")
             if self._on_hello is not None and hello.get("watch", True) is not False:
-                self._on_hello(hello["pid"], run_id, rank)
+                self._on_hello(agent_pid(peer, hello["pid"], "hello"), run_id, rank)
         elif ftype == fr.WATCH:
             watch = fr.decode_json(body)
             if type(watch) is not dict or type(watch.get("pid")) is not int \
                     or type(watch.get("run_id")) is not str:
                 raise fr.BadFrame('watch body must be {"pid": int, "run_id": str, ...}')
-            if self._on_watch is not None:
-                self._on_watch(watch)
+            pid = agent_pid(peer, watch["pid"], "watch")
+            if pid is None:
+                log.warning("ingest: WATCH pid %d is not a process of the sender (pid %s) "
+                            "in its namespace; not watched", watch["pid"], peer)
+            elif self._on_watch is not None:
+                self._on_watch({**watch, "pid": pid})
             conn.sendall(fr.encode_json(fr.ACK, {}))
         elif ftype == fr.STATUS:
             reply = self._status() if self._status else {}

@@ -297,3 +297,100 @@ def test_arbitrary_bytes_never_break_the_decoder(data):
             assert ftype in fr.KNOWN_TYPES
     except fr.BadFrame:
         pass
+
+
+# --------------------------------------------------------------------------- peer PIDs
+
+_CONTAINER_JOB = """
+import socket, subprocess, sys, time
+from provscope import wire as fr
+cmd = subprocess.Popen(["sleep", "30"])
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.connect(sys.argv[1])
+s.sendall(fr.encode_json(fr.HELLO, {"v": 1, "pid": __import__("os").getpid(),
+                                    "run_id": "r", "rank": 0}))
+fr.request(sys.argv[1], fr.WATCH, {"pid": cmd.pid, "run_id": "r", "rank": None})
+print(__import__("os").getpid(), cmd.pid, flush=True)
+sys.stdin.readline()
+cmd.kill()
+"""
+
+
+def test_the_peer_pid_of_a_real_unix_socket_connection(sock_path):
+    import subprocess
+    import sys
+
+    from provscope.agent.peer import peer_pid
+
+    sock_path.parent.mkdir(parents=True)
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(str(sock_path))
+    srv.listen(1)
+    child = subprocess.Popen([sys.executable, "-c",
+                              "import socket,sys,time;s=socket.socket(socket.AF_UNIX);"
+                              "s.connect(sys.argv[1]);time.sleep(5)", str(sock_path)])
+    try:
+        srv.settimeout(10)
+        conn, _ = srv.accept()
+        assert peer_pid(conn) == child.pid
+        conn.close()
+    finally:
+        child.kill()
+        child.wait()
+        srv.close()
+
+
+def test_pids_of_a_peer_in_another_namespace_are_translated(tmp_path):
+    from provscope.agent.peer import agent_pid
+
+    # host pid: (ppid, NSpid as the agent reads it)
+    procs = {500: (1, "500\t1"), 501: (500, "501\t2"), 502: (501, "502\t3"),
+             2: (1, "2"), 600: (1, "600"), 1: (0, "1")}
+    for pid, (ppid, nspid) in procs.items():
+        d = tmp_path / str(pid)
+        d.mkdir()
+        (d / "stat").write_text(f"{pid} (x) S {ppid} 0 0 0\n")
+        (d / "status").write_text(f"Name:\tx\nPid:\t{pid}\nNSpid:\t{nspid}\n")
+    # A containerised job (host pid 500) says hello as pid 1: it is 500 to the agent.
+    assert agent_pid(500, 1, "hello", tmp_path) == 500
+    # It registers the command it started (its pid 2 = host 501; 3 = host 502 below it).
+    assert agent_pid(500, 2, "watch", tmp_path) == 501
+    assert agent_pid(500, 3, "watch", tmp_path) == 502
+    # No process 4 in its namespace: nothing is watched (host pid 2 is a stranger).
+    assert agent_pid(500, 4, "watch", tmp_path) is None
+    # A peer in the agent's own namespace: the numbers agree, unchanged.
+    assert agent_pid(600, 600, "hello", tmp_path) == 600
+    assert agent_pid(600, 2, "watch", tmp_path) == 2
+    assert agent_pid(None, 7, "hello", tmp_path) == 7  # no credentials: as claimed
+
+
+def test_a_job_in_its_own_pid_namespace_is_registered_under_its_host_pid(server):
+    """A real PID namespace (``unshare --pid``, as a container runtime makes one): the
+    job's hello and its WATCH reach the agent as the host PIDs that NVML reports."""
+    import shutil
+    import subprocess
+    import sys
+
+    import psutil
+
+    unshare = shutil.which("unshare")
+    probe = subprocess.run([unshare or "unshare", "--pid", "--fork", "true"],
+                           capture_output=True) if unshare else None
+    if probe is None or probe.returncode != 0:
+        pytest.skip("this machine does not let the test create a PID namespace")
+    job = subprocess.Popen([unshare, "--pid", "--fork", sys.executable, "-c", _CONTAINER_JOB,
+                            str(server.path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                           text=True)
+    try:
+        ns_job, ns_cmd = (int(x) for x in job.stdout.readline().split())
+        assert ns_job == 1  # what the job believes
+        [host_job] = psutil.Process(job.pid).children()
+        [host_cmd] = host_job.children()
+        assert _wait(lambda: server.got.hellos and server.got.watches)
+        assert server.got.hellos == [(host_job.pid, "r", 0)]
+        assert server.got.watches[0]["pid"] == host_cmd.pid != ns_cmd
+    finally:
+        with contextlib.suppress(OSError):
+            job.stdin.write("\n")
+            job.stdin.flush()
+        job.wait(10)
