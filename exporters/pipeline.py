@@ -7,24 +7,25 @@ shape). One named daemon worker per exporter (``provscope-export-<name>``) sleep
 ``Event.wait(flush_interval)``, is woken early once a full batch is queued, and hands
 batches to its exporter. One slow destination therefore never delays another.
 
-An exporter answering ``RETRY`` gets the same batch again after an exponential backoff
-with jitter; shutdown keeps retrying until its deadline, then counts what is left as
-dropped. Exceptions from an exporter are logged (rate-limited), counted, and never kill
+The queue and its worker are ``provscope.bounded.QueueWorker``. An exporter answering
+``RETRY`` gets the same batch again after an exponential backoff with full jitter
+(``provscope.backoff``); shutdown keeps retrying until its deadline, then counts what is
+left as dropped. Exceptions from an exporter are logged (rate-limited), counted, and never kill
 the worker.
 """
 
 from __future__ import annotations
 
 import logging
-import random
 import threading
 import time
-from collections import deque
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from provscope.exporters.base import Exporter, ExportResult
 
+from provscope.backoff import Backoff
+from provscope.bounded import QueueWorker
 from provscope.records import Point
 
 if TYPE_CHECKING:
@@ -34,8 +35,10 @@ __all__ = ["BatchProcessor", "Pipeline"]
 
 log = logging.getLogger("provscope.pipeline")
 
+_FIRST_BACKOFF_S = 0.1  # backoff window of the first retry of a batch answered RETRY
 
-class BatchProcessor:
+
+class BatchProcessor(QueueWorker):
     """A bounded queue and one worker thread in front of one exporter.
 
     Args:
@@ -44,6 +47,9 @@ class BatchProcessor:
         batch_size: most records per ``export`` call; a full batch wakes the worker.
         flush_interval_s: longest time a record waits before its batch is exported.
         max_backoff_s: cap on the delay between retries of a batch answered ``RETRY``.
+
+    Raises:
+        ValueError: a size or interval that is not > 0.
     """
 
     def __init__(
@@ -55,81 +61,22 @@ class BatchProcessor:
         flush_interval_s: float = 1.0,
         max_backoff_s: float = 10.0,
     ) -> None:
-        if batch_size <= 0 or max_queue <= 0 or flush_interval_s <= 0:
-            raise ValueError("batch_size, max_queue and flush_interval_s must be > 0")
+        super().__init__(capacity=max_queue, batch_size=batch_size,
+                         interval_s=flush_interval_s,
+                         thread_name=f"provscope-export-{exporter.name}")
         self.exporter = exporter
-        self._queue: deque[Any] = deque(maxlen=max_queue)
-        self._max_queue = max_queue
-        self._batch_size = batch_size
-        self._interval = flush_interval_s
-        self._max_backoff = max_backoff_s
-        self._wake = threading.Event()
-        self._idle = threading.Event()
-        self._idle.set()
-        self._stopping = False
+        self._backoff = Backoff(min(_FIRST_BACKOFF_S, max_backoff_s), max_backoff_s)
         self._finished = False
         self._deadline = float("inf")
         self._export_lock = threading.Lock()
-        self.received = 0
-        self.dropped = 0
         self.exported = 0
         self.failed_batches = 0
         self.retries = 0
         self.last_latency_s = 0.0
         self._last_error_log = 0.0
-        self._thread = threading.Thread(
-            target=self._run, name=f"provscope-export-{exporter.name}", daemon=True
-        )
-        self._thread.start()
-
-    # ------------------------------------------------------------------ producer side
-
-    def submit(self, record: Any) -> bool:
-        """Queue one record. Never blocks. Returns False when an older record was dropped."""
-        if self._stopping:
-            self.dropped += 1
-            return False
-        queue = self._queue
-        full = len(queue) >= self._max_queue
-        if full:
-            self.dropped += 1
-        queue.append(record)
-        self.received += 1
-        if len(queue) >= self._batch_size and not self._wake.is_set():
-            self._wake.set()
-        return not full
-
-    def submit_many(self, records: Sequence[Any]) -> int:
-        """Queue many records. Never blocks. Returns how many older records were dropped."""
-        if self._stopping:
-            self.dropped += len(records)
-            return len(records)
-        queue = self._queue
-        overflow = max(0, len(queue) + len(records) - self._max_queue)
-        queue.extend(records)
-        self.received += len(records)
-        self.dropped += overflow
-        if len(queue) >= self._batch_size and not self._wake.is_set():
-            self._wake.set()
-        return overflow
-
-    @property
-    def queue_depth(self) -> int:
-        return len(self._queue)
+        self._start_worker()
 
     # ------------------------------------------------------------------ worker side
-
-    def _take(self) -> list[Any]:
-        queue = self._queue
-        n = min(self._batch_size, len(queue))
-        batch = []
-        pop = queue.popleft
-        try:
-            for _ in range(n):
-                batch.append(pop())
-        except IndexError:  # pragma: no cover - only this thread pops
-            pass
-        return batch
 
     def _export(self, batch: list[Any]) -> ExportResult:
         start = time.perf_counter()
@@ -153,31 +100,29 @@ class BatchProcessor:
 
     def _run(self) -> None:
         pending: list[Any] | None = None
-        backoff = 0.0
+        queue = self._queue
         while True:
             if pending is None:
-                if not self._queue:
+                if not queue:
                     self._idle.set()
-                if self._stopping and not self._queue:
-                    return
-                if len(self._queue) < self._batch_size and not self._stopping:
-                    self._wake.wait(self._interval)
-                self._wake.clear()
-                if not self._queue:
+                    if self._stopping:
+                        return
+                self._wait_for_work(self._batch_size)
+                if not queue:
                     continue
                 self._idle.clear()
                 pending = self._take()
             result = self._export(pending)
             if result is not ExportResult.RETRY:
-                pending, backoff = None, 0.0
+                pending = None
+                self._backoff.reset()
                 continue
             self.retries += 1
             if self._stopping and time.monotonic() >= self._deadline:
-                self.dropped += len(pending) + len(self._queue)
-                self._queue.clear()
+                self.dropped += len(pending)
+                self._drop_queued()
                 return
-            backoff = min(self._max_backoff, max(0.05, backoff * 2 or 0.1))
-            delay = backoff * (0.5 + random.random() / 2)
+            delay = self._backoff.next()
             if self._stopping:
                 delay = min(delay, max(0.0, self._deadline - time.monotonic()))
             time.sleep(delay)
@@ -190,12 +135,7 @@ class BatchProcessor:
         Returns True when the queue drained and the exporter reported nothing left.
         """
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            self._wake.set()
-            if not self._queue and self._idle.wait(0.01) and not self._queue:
-                break
-            time.sleep(0.005)
-        else:
+        if not self._wait_drained(deadline):
             return False
         left = max(0.0, deadline - time.monotonic())
         with self._export_lock:
@@ -218,16 +158,14 @@ class BatchProcessor:
         # The worker gives up a little before the join does, so the records it could not
         # deliver are counted as dropped before shutdown returns.
         self._deadline = deadline - min(0.1, max(0.0, deadline - time.monotonic()) * 0.2)
-        self._stopping = True
-        self._wake.set()
+        self._stop_accepting()
 
     def finish_shutdown(self, deadline: float) -> None:
         """Join the worker and shut the exporter down, both by ``deadline``. Idempotent."""
         if self._finished:
             return
         self._finished = True
-        self._thread.join(max(0.0, deadline - time.monotonic()))
-        if self._thread.is_alive() and self._queue:
+        if not self._join(deadline) and self._queue:
             log.warning("exporter %s did not drain by the deadline; %d records dropped",
                         self.exporter.name, len(self._queue))
         try:

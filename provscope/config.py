@@ -117,6 +117,9 @@ class PrometheusConfig(_Model):
     address: str = Field("127.0.0.1", description="Address /metrics binds to.")
     port: int = Field(9464, ge=0, le=65535, description="Port of /metrics (0: any free port).")
     expire_s: float = Field(60.0, gt=0, description="A series not updated for this long disappears from /metrics, seconds.")
+    layers: bool = Field(False, description="Also expose layer statistics (measurements layer, layer_param) on /metrics, labelled layer and module_type; off: they go to the stores only, counted as skipped.")
+    max_series: int = Field(20_000, ge=100, description="Most series /metrics holds; a point that would add one more is skipped and counted.")
+    max_scalar_names: int = Field(100, ge=0, description="Most distinct names of uncatalogued training scalars under provscope_train_scalar; others are skipped and counted.")
 
 
 class ClientConfig(_Model):

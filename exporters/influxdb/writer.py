@@ -1,16 +1,8 @@
-"""The InfluxDB writer: line protocol over HTTP, with retries, splitting and a disk spool.
+"""The InfluxDB writer: batching, the response policy, splitting and a disk spool.
 
-Speaks the three write APIs (``influxdb.api``):
-
-- ``v1``: ``POST /write?db=&rp=&u=&p=&precision=ns`` (InfluxDB 1.x, and the 1.x
-  compatibility endpoint of 2.x/3.x); ``CREATE DATABASE`` is issued once (idempotent).
-- ``v2``: ``POST /api/v2/write?org=&bucket=&precision=ns`` with ``Authorization: Token``.
-- ``v3``: ``POST /api/v3/write_lp?db=&precision=nanosecond`` with ``Authorization: Bearer``.
-
-Transport: one persistent (keep-alive) ``http.client`` connection. The pipeline calls an
-exporter from one worker thread only, so a pool would buy nothing; the standard library
-keeps provscope free of an HTTP dependency. Bodies are gzip'ed (level 1: most of the size
-win for a fraction of the CPU).
+It speaks to the server through ``InfluxTransport`` (``transport.py``: the v1/v2/v3
+endpoints, auth headers, the keep-alive connection, gzip); this module decides what each
+answer means.
 
 Response policy, per batch:
 
@@ -24,8 +16,8 @@ Response policy, per batch:
 - 404 "database not found": the database is created again and the batch retried.
 - 413: the batch is split in halves, each sent (and split again) on its own.
 - 429, 5xx, connection errors and timeouts: retried up to ``max_retries`` times with
-  exponential backoff and jitter, honouring ``Retry-After`` (capped at ``max_backoff_s``);
-  then the batch goes to the spool.
+  exponential backoff and full jitter (``provscope.backoff``), honouring ``Retry-After``
+  (capped at ``max_backoff_s``); then the batch goes to the spool.
 
 Spool: while it holds anything, new batches are appended behind it (order is kept) and
 each ``export`` first replays it oldest-first (for at most a couple of seconds) once the
@@ -39,25 +31,22 @@ only when no spool could be opened and the server is unreachable; it never raise
 from __future__ import annotations
 
 import contextlib
-import gzip
 import hashlib
 import http.client
-import json
 import logging
 import os
-import random
 import re
-import socket
 import time
-import urllib.parse
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from provscope.exporters.base import ExportResult
 from provscope.exporters.influxdb.lineprotocol import encode_lines
+from provscope.exporters.influxdb.transport import InfluxTransport, TransportError, error_text
 from provscope.exporters.spool import Spool, SpoolBusy
 
+from provscope.backoff import Backoff, backoff_delay, retry_after_seconds
 from provscope.errors import ConfigError
 from provscope.forking import reset_in_child
 
@@ -147,62 +136,22 @@ class InfluxDBExporter:
         spool_max_bytes: int = 1 << 30,
         ints_as_float: bool = True,
     ) -> None:
-        parts = urllib.parse.urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ConfigError(f"influxdb.url: {url!r} is not an http:// or https:// URL "
-                              "(e.g. http://127.0.0.1:8086)")
-        if api not in ("v1", "v2", "v3"):
-            raise ConfigError(f"influxdb.api: {api!r} is not one of v1, v2, v3")
+        self.transport = InfluxTransport(
+            url, api=api, database=database, retention_policy=retention_policy,
+            username=username, password=password, org=org, bucket=bucket, token=token,
+            gzip=gzip, timeout_s=timeout_s)
         self.url = url
         self.api = api
         self.batch_size = batch_size
         self.flush_interval_s = flush_interval_s
-        self._https = parts.scheme == "https"
-        self._host = parts.hostname
-        self._port = parts.port or (443 if self._https else 80)
-        base = parts.path.rstrip("/")
-        self._database = database
-        self._username = username
-        self._password = password
-        self._gzip = gzip
-        self._timeout = timeout_s
         self._max_retries = max_retries
         self._backoff0 = retry_backoff_s
         self._max_backoff = max_backoff_s
         self._ints_as_float = ints_as_float
-        self._headers = {"Content-Type": "text/plain; charset=utf-8"}
-        if gzip:
-            self._headers["Content-Encoding"] = "gzip"
-        if api == "v1":
-            q = {"db": database, "precision": "ns"}
-            if retention_policy:
-                q["rp"] = retention_policy
-            if username:
-                q["u"], q["p"] = username, password or ""
-            elif token:
-                self._headers["Authorization"] = f"Token {token}"
-            self._write_path = f"{base}/write?{urllib.parse.urlencode(q)}"
-            self._destination = database
-        elif api == "v2":
-            q = {"bucket": bucket or database, "precision": "ns"}
-            if org:
-                q["org"] = org
-            if token:
-                self._headers["Authorization"] = f"Token {token}"
-            self._write_path = f"{base}/api/v2/write?{urllib.parse.urlencode(q)}"
-            self._destination = bucket or database
-        else:
-            q = {"db": database, "precision": "nanosecond"}
-            if token:
-                self._headers["Authorization"] = f"Bearer {token}"
-            self._write_path = f"{base}/api/v3/write_lp?{urllib.parse.urlencode(q)}"
-            self._destination = database
-        self._query_base = base
         self._need_db = api == "v1" and create_database
-        self._conn: http.client.HTTPConnection | None = None
-        self._refused = False  # the last connection attempt was refused or timed out
         self._next_try = 0.0  # monotonic time before which the spool path skips the network
-        self._probe_delay = 0.0
+        # Delay between probes of a server that is down (reset once it answers).
+        self._probe = Backoff(retry_backoff_s, min(_PROBE_CAP_S, max_backoff_s))
         self._deadline: float | None = None  # set by flush/shutdown: no sleep past it
         self._last_log: dict[str, float] = {}
         self._closed = False
@@ -237,12 +186,18 @@ class InfluxDBExporter:
             spool_max_bytes=c.spool_max_bytes,
         )
 
+    @property
+    def _conn(self) -> http.client.HTTPConnection | None:
+        """The transport's kept-alive connection (None when closed)."""
+        return self.transport.conn
+
     # ------------------------------------------------------------------ spool
 
     def _open_spool(self, spool_dir: Any, max_bytes: int) -> Spool | None:
         parent = Path(spool_dir) if spool_dir else default_spool_dir()
-        digest = hashlib.sha1(f"{self.url}|{self.api}|{self._destination}".encode()).hexdigest()
-        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", self._destination)[:40]
+        destination = self.transport.destination
+        digest = hashlib.sha1(f"{self.url}|{self.api}|{destination}".encode()).hexdigest()
+        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", destination)[:40]
         base = f"influxdb-{self.api}-{safe}-{digest[:10]}"
         for slot in range(_SPOOL_SLOTS):
             path = parent / (base if slot == 0 else f"{base}.{slot}")
@@ -326,7 +281,7 @@ class InfluxDBExporter:
         self.points_dropped += len(points) - len(lines)
         if not lines:
             return None
-        return self._compress("\n".join(lines).encode()), len(lines)
+        return self.transport.compress("\n".join(lines).encode()), len(lines)
 
     # ------------------------------------------------------------------ streaming
 
@@ -363,26 +318,19 @@ class InfluxDBExporter:
         try:
             if self._need_db:
                 self._create_database()
-            conn = self._conn or self._connect()
-            conn.request("POST", self._write_path, body=body, headers=self._headers)
+            self.transport.send_write(body)
             return True
-        except (_Failure, http.client.HTTPException, OSError):
-            self._close_conn()
+        except (_Failure, TransportError):
+            self.transport.close()
             return False
 
     def _finish(self, body: bytes, count: int) -> bool:
         """Read the answer to ``_begin``; anything but a clear answer takes the normal path."""
         try:
-            conn = self._conn
-            if conn is None:
-                raise _Failure("connection closed")
-            resp = conn.getresponse()
-            data = resp.read()
-            if resp.will_close:
-                self._close_conn()
-            result = self._handle(resp.status, resp.headers, data, count)
-        except (_Failure, _Split, http.client.HTTPException, OSError):
-            self._close_conn()
+            status, headers, data = self.transport.read_answer()
+            result = self._handle(status, headers, data, count)
+        except (_Failure, _Split, TransportError):
+            self.transport.close()
             result = self._deliver(body, count, retries=True)
         return self._settle(result, body, count)
 
@@ -408,12 +356,6 @@ class InfluxDBExporter:
             except ValueError as exc:
                 self._log("encode", logging.WARNING, "influxdb: point dropped: %s", exc)
         return lines
-
-    def _compress(self, raw: bytes) -> bytes:
-        return gzip.compress(raw, compresslevel=1, mtime=0) if self._gzip else raw
-
-    def _raw(self, body: bytes) -> bytes:
-        return gzip.decompress(body) if self._gzip else body
 
     # ------------------------------------------------------------------ delivery
 
@@ -445,10 +387,8 @@ class InfluxDBExporter:
                     self._open_circuit(failure.retry_after)
                     return _FAILED
                 self.retries += 1
-                delay = min(self._max_backoff, self._backoff0 * (2 ** attempt))
-                delay *= 0.5 + random.random() / 2
-                if failure.retry_after is not None:
-                    delay = max(delay, min(failure.retry_after, self._max_backoff))
+                delay = backoff_delay(attempt, base_s=self._backoff0, cap_s=self._max_backoff,
+                                      retry_after_s=failure.retry_after)
                 if self._deadline is not None:
                     delay = min(delay, max(0.0, self._deadline - time.monotonic()))
                 time.sleep(delay)
@@ -457,7 +397,7 @@ class InfluxDBExporter:
                 return self._deliver_split(body, count, retries)
 
     def _deliver_split(self, body: bytes, count: int, retries: bool) -> str:
-        lines = self._raw(body).split(b"\n")
+        lines = self.transport.decompress(body).split(b"\n")
         if len(lines) < 2:
             self._rejected(count, "HTTP 413: a single line is larger than the server accepts",
                            lines[0][:200].decode(errors="replace"))
@@ -465,7 +405,7 @@ class InfluxDBExporter:
         mid = len(lines) // 2
         failed = False
         for half in (lines[:mid], lines[mid:]):
-            part = self._compress(b"\n".join(half))
+            part = self.transport.compress(b"\n".join(half))
             if not failed:
                 result = self._deliver(part, len(half), retries=retries)
                 if result == _REJECTED:
@@ -488,15 +428,19 @@ class InfluxDBExporter:
         """One request. Returns _OK/_REJECTED; raises _Failure (retryable) or _Split."""
         if self._need_db:
             self._create_database()
-        status, headers, data = self._request("POST", self._write_path, body, self._headers)
+        try:
+            status, headers, data = self.transport.write(body)
+        except TransportError as exc:
+            raise _Failure(str(exc)) from None
         return self._handle(status, headers, data, count)
 
-    def _handle(self, status: int, headers: Any, data: bytes, count: int) -> str:
+    def _handle(self, status: int, headers: http.client.HTTPMessage, data: bytes,
+                count: int) -> str:
         """Apply the response policy to one answer (see the module docstring)."""
         if 200 <= status < 300:
             self.points_written += count
             return _OK
-        message = _error_text(data) or f"HTTP {status}"
+        message = error_text(data) or f"HTTP {status}"
         if status in (400, 422):
             return self._partial_or_rejected(message, count)
         if status in (401, 403):
@@ -506,7 +450,7 @@ class InfluxDBExporter:
             raise _Failure(f"HTTP 404: {message}")
         if status == 413:
             raise _Split()
-        retry_after = _retry_after(headers.get("Retry-After"))
+        retry_after = retry_after_seconds(headers.get("Retry-After"))
         if status == 429 or status >= 500:
             raise _Failure(f"HTTP {status}: {message}", retry_after)
         self._rejected(count, f"HTTP {status}: {message}")
@@ -529,73 +473,26 @@ class InfluxDBExporter:
         return _REJECTED
 
     def _create_database(self) -> None:
-        q = {"q": f'CREATE DATABASE "{_influxql_ident(self._database)}"'}
-        if self._username:
-            q["u"], q["p"] = self._username, self._password or ""
-        headers = {"Content-Type": "application/x-www-form-urlencoded"}
-        if "Authorization" in self._headers:
-            headers["Authorization"] = self._headers["Authorization"]
-        status, _, data = self._request("POST", f"{self._query_base}/query",
-                                        urllib.parse.urlencode(q).encode(), headers)
+        try:
+            status, data = self.transport.create_database()
+        except TransportError as exc:
+            raise _Failure(str(exc)) from None
         if status in (401, 403):
             # The user may lack admin rights on a database that exists: write anyway.
             self._log("createdb", logging.WARNING, "influxdb: CREATE DATABASE refused "
-                      "(HTTP %d: %s); writing anyway", status, _error_text(data))
+                      "(HTTP %d: %s); writing anyway", status, error_text(data))
         elif status >= 500:
             raise _Failure(f"CREATE DATABASE: HTTP {status}")
         self._need_db = False
 
-    def _request(self, method: str, path: str, body: bytes,
-                 headers: dict[str, str]) -> tuple[int, http.client.HTTPMessage, bytes]:
-        for attempt in (0, 1):
-            reused = self._conn is not None
-            conn = self._conn or self._connect()
-            try:
-                conn.request(method, path, body=body, headers=headers)
-                resp = conn.getresponse()
-                data = resp.read()  # read all: the connection is reused for the next request
-            except (http.client.HTTPException, OSError) as exc:
-                self._close_conn()
-                # A kept-alive connection the server closed meanwhile: one fresh try.
-                if reused and attempt == 0 and isinstance(
-                        exc, (http.client.RemoteDisconnected, ConnectionResetError,
-                              BrokenPipeError, http.client.BadStatusLine)):
-                    continue
-                raise _Failure(f"{type(exc).__name__}: {exc}") from None
-            if resp.will_close:
-                self._close_conn()
-            return resp.status, resp.headers, data
-        raise _Failure("connection lost")  # pragma: no cover - the loop always returns
-
-    def _connect(self) -> http.client.HTTPConnection:
-        cls = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
-        conn = cls(self._host, self._port, timeout=self._timeout)
-        try:
-            conn.connect()
-            conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError as exc:
-            conn.close()
-            self._refused = True
-            raise _Failure(f"cannot connect: {exc}") from None
-        self._refused = False
-        self._conn = conn
-        return conn
-
-    def _close_conn(self) -> None:
-        if self._conn is not None:
-            with contextlib.suppress(Exception):
-                self._conn.close()
-            self._conn = None
-
     # ------------------------------------------------------------------ spool replay
 
     def _open_circuit(self, retry_after: float | None) -> None:
-        self._probe_delay = min(_PROBE_CAP_S, self._max_backoff,
-                                max(self._backoff0, self._probe_delay * 2))
-        delay = self._probe_delay
+        # Retry-After may exceed the probe cap (up to max_backoff_s): the server said so.
+        delay = self._probe.next()
         if retry_after is not None:
             delay = max(delay, min(retry_after, self._max_backoff))
-        self._next_try = time.monotonic() + delay * (0.5 + random.random() / 2)
+        self._next_try = time.monotonic() + delay
 
     def _replay(self, deadline: float, force: bool = False) -> None:
         """Send spooled bodies oldest-first until empty, a failure, or ``deadline``."""
@@ -615,7 +512,7 @@ class InfluxDBExporter:
                 self.points_dropped += count
             self.points_replayed += self.points_written - written
             spool.ack()
-            self._probe_delay = 0.0
+            self._probe.reset()
 
     def _past_deadline(self) -> bool:
         return self._deadline is not None and time.monotonic() >= self._deadline
@@ -631,14 +528,14 @@ class InfluxDBExporter:
         try:
             while self.spool.pending_records and time.monotonic() < deadline:
                 self._replay(deadline, force=True)
-                if self.spool.pending_records and self._refused:
+                if self.spool.pending_records and self.transport.refused:
                     # Nothing listens at the URL: the records are safe on disk and a later
                     # flush or the next process sends them. Waiting out the deadline would
                     # only hold up the caller (a job at exit, an agent on SIGTERM).
                     return False
                 if self.spool.pending_records:
                     time.sleep(min(max(0.0, deadline - time.monotonic()),
-                                   max(0.05, self._probe_delay)))
+                                   max(0.05, self._next_try - time.monotonic())))
             return not self.spool.pending_records
         finally:
             self._deadline = None
@@ -653,7 +550,7 @@ class InfluxDBExporter:
         with contextlib.suppress(Exception):
             self.flush(timeout_s)
         self._closed = True
-        self._close_conn()
+        self.transport.close()
         if self.spool is not None:
             self.spool.close()
 
@@ -681,7 +578,7 @@ class InfluxDBExporter:
     def _forget_after_fork(self) -> None:
         # A forked child must not write on the parent's socket or into its spool; it
         # opens its own connection on demand and runs without a spool.
-        self._conn = None
+        self.transport.forget()
         if self.spool is not None:
             self.spool.detach()
             self.spool = None
@@ -695,28 +592,3 @@ class InfluxDBExporter:
 
 class _Split(Exception):
     """HTTP 413: the body is too large; split it."""
-
-
-def _error_text(data: bytes) -> str:
-    text = data.decode("utf-8", errors="replace").strip()
-    with contextlib.suppress(ValueError, AttributeError):
-        obj = json.loads(text)
-        text = str(obj.get("error") or obj.get("message") or text)
-    return text
-
-
-def _retry_after(value: str | None) -> float | None:
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        from email.utils import parsedate_to_datetime
-
-        with contextlib.suppress(TypeError, ValueError):
-            return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
-    return None
-
-
-def _influxql_ident(name: str) -> str:
-    return name.replace("\\", "\\\\").replace('"', '\\"')
