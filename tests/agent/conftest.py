@@ -430,21 +430,53 @@ class FakeNvml:
                     es.cond.notify_all()
 
 
+class AmdSmiLibraryException(Exception):
+    """amdsmi's library error: the amdsmi_status_t in ``err_code``."""
+
+    def __init__(self, err_code: int) -> None:
+        super().__init__(err_code)
+        self.err_code = err_code
+
+    def get_error_code(self):
+        return self.err_code
+
+
 class FakeAmdSmi:
-    """amdsmi's names for one GPU; power info missing (raises, as on old firmware)."""
+    """amdsmi 7.x's names and return shapes for two GPUs.
+
+    GPU 0 (MI250-class) has an edge sensor but old firmware without power info; GPU 1
+    (MI300-class) has no edge sensor (AMDSMI_STATUS_NOT_SUPPORTED), only hotspot/junction.
+    ``old_process_api=True``: the process list holds process handles, resolved with
+    ``amdsmi_get_gpu_process_info`` (amdsmi before 6.1).
+    """
 
     class AmdSmiTemperatureType:
-        EDGE = "edge"
+        EDGE = 0
+        HOTSPOT = 1
+        JUNCTION = 1
+        VRAM = 2
 
     class AmdSmiTemperatureMetric:
-        CURRENT = "current"
+        CURRENT = 0
 
     class AmdSmiClkType:
         GFX = "gfx"
         MEM = "mem"
 
-    def __init__(self) -> None:
+    def __init__(self, old_process_api: bool = False) -> None:
         self.init_calls = 0
+        self.calls: dict[str, int] = {}
+        self.old_process_api = old_process_api
+        self.processes = {"h0": [(4242, 1 << 30)], "h1": [(4243, 2 << 30)]}
+        self.fail: dict[tuple, list] = {}
+        if old_process_api:
+            self.amdsmi_get_gpu_process_info = self._process_info
+
+    def _enter(self, name, h):
+        self.calls[name] = self.calls.get(name, 0) + 1
+        queued = self.fail.get((h, name))
+        if queued:
+            raise queued.pop(0)
 
     def amdsmi_init(self):
         self.init_calls += 1
@@ -453,31 +485,71 @@ class FakeAmdSmi:
         pass
 
     def amdsmi_get_processor_handles(self):
-        return ["h0"]
+        return ["h0", "h1"]
 
     def amdsmi_get_gpu_device_uuid(self, h):
-        return "amd-uuid-0"
+        return f"amd-uuid-{h[1]}"
 
     def amdsmi_get_gpu_activity(self, h):
+        self._enter("amdsmi_get_gpu_activity", h)
         return {"gfx_activity": 77, "umc_activity": 30, "mm_activity": "N/A"}
 
     def amdsmi_get_gpu_vram_usage(self, h):
+        self._enter("amdsmi_get_gpu_vram_usage", h)
         return {"vram_used": 1024, "vram_total": 65536}
 
     def amdsmi_get_power_info(self, h):
-        raise RuntimeError("AMDSMI_STATUS_NOT_SUPPORTED")
+        self._enter("amdsmi_get_power_info", h)
+        if h == "h0":
+            raise AmdSmiLibraryException(2)  # AMDSMI_STATUS_NOT_SUPPORTED
+        return {"socket_power": 650, "current_socket_power": 650,
+                "average_socket_power": "N/A", "gfx_voltage": 900, "soc_voltage": 800,
+                "mem_voltage": 1100, "power_limit": 750}
 
     def amdsmi_get_energy_count(self, h):
-        return {"energy_accumulator": 2_000_000, "counter_resolution": 15.3}
+        self._enter("amdsmi_get_energy_count", h)
+        return {"energy_accumulator": 2_000_000, "counter_resolution": 15.3, "timestamp": 1}
 
     def amdsmi_get_temp_metric(self, h, kind, metric):
-        return 55
+        self._enter("amdsmi_get_temp_metric", h)
+        if h == "h1" and kind == self.AmdSmiTemperatureType.EDGE:
+            raise AmdSmiLibraryException(2)  # MI300: no edge sensor
+        return {0: 55, 1: 71, 2: 80}[kind]
 
     def amdsmi_get_clock_info(self, h, clk):
-        return {"clk": 2100 if clk == "gfx" else 1300}
+        self._enter("amdsmi_get_clock_info", h)
+        return {"clk": 2100 if clk == "gfx" else 1300, "min_clk": 500, "max_clk": 2100,
+                "clk_locked": 0, "clk_deep_sleep": 0}
+
+    def amdsmi_get_gpu_total_ecc_count(self, h):
+        self._enter("amdsmi_get_gpu_total_ecc_count", h)
+        return {"correctable_count": 3, "uncorrectable_count": 0, "deferred_count": 0}
+
+    def amdsmi_get_pcie_info(self, h):
+        self._enter("amdsmi_get_pcie_info", h)
+        return {"pcie_static": {"max_pcie_width": 16, "max_pcie_speed": 32000,
+                                "pcie_interface_version": 5, "slot_type": "OAM"},
+                "pcie_metric": {"pcie_width": 16, "pcie_speed": 32000,
+                                "pcie_bandwidth": "N/A", "pcie_replay_count": 12,
+                                "pcie_l0_to_recovery_count": 0,
+                                "pcie_replay_roll_over_count": 0,
+                                "pcie_nak_sent_count": 0, "pcie_nak_received_count": 0,
+                                "pcie_lc_perf_other_end_recovery_count": "N/A"}}
 
     def amdsmi_get_gpu_process_list(self, h):
-        return [{"pid": 4242, "memory_usage": {"vram_mem": 1 << 30}}]
+        self._enter("amdsmi_get_gpu_process_list", h)
+        if self.old_process_api:
+            return [pid for pid, _ in self.processes.get(h, [])]  # handles
+        return [{"name": "python", "pid": pid, "mem": mem,
+                 "engine_usage": {"gfx": 0, "enc": 0},
+                 "memory_usage": {"gtt_mem": 0, "cpu_mem": 0, "vram_mem": mem},
+                 "cu_occupancy": "N/A"} for pid, mem in self.processes.get(h, [])]
+
+    def _process_info(self, h, handle):
+        mem = dict(self.processes[h])[handle]
+        return {"name": "python", "pid": handle, "mem": mem,
+                "engine_usage": {"gfx": 0, "enc": 0},
+                "memory_usage": {"gtt_mem": 0, "cpu_mem": 0, "vram_mem": mem}}
 
 
 @pytest.fixture
@@ -494,6 +566,12 @@ def fake_nvml():
 @pytest.fixture
 def fake_amdsmi() -> FakeAmdSmi:
     return FakeAmdSmi()
+
+
+@pytest.fixture
+def fake_amdsmi_factory():
+    """Factory: ``fake_amdsmi_factory(old_process_api=False)``."""
+    return FakeAmdSmi
 
 
 @pytest.fixture

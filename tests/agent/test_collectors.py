@@ -71,9 +71,16 @@ def test_every_collector_emits_exactly_its_declared_specs(fake_psutil, fake_nvml
             if c.name == "process":
                 continue  # pid 4242 is not a real process here; see the process tests
             if c.name == "amdsmi":
-                # amdsmi has no throttle, PCIe, NVLink or ECC fields; power is missing here.
-                assert emitted <= set(declared)
-                assert ("gpu", "power_watts") not in emitted
+                # The NVML-only fields (clock events, NVLink, Xid, GPM, ...) stay out.
+                amd = {"up", "utilization_percent", "memory_utilization_percent",
+                       "memory_used_bytes", "memory_total_bytes", "power_watts",
+                       "energy_joules_total", "temperature_celsius",
+                       "memory_temperature_celsius", "sm_clock_hertz", "memory_clock_hertz",
+                       "ecc_corrected_errors_total", "ecc_uncorrected_errors_total",
+                       "pcie_replay_errors_total"}
+                assert emitted == {("gpu", f) for f in amd} | {
+                    ("gpu_process", "memory_used_bytes"), ("gpu_process", "processes")}
+                c.close()
                 continue
             expected = set(declared)
             if c.name == "health":  # only an exporter with an on-disk spool reports these
@@ -142,12 +149,65 @@ def test_real_machine_collectors_sample_in_well_under_a_millisecond_each():
 def test_amdsmi_normalises_units_and_leaves_missing_getters_out(fake_amdsmi):
     c = AmdSmiCollector("h", fake_amdsmi)
     c.open()
-    [gpu] = [p for p in c.collect(NOW) if p.measurement == "gpu"]
+    for t in range(3):
+        gpus = {p.tags["gpu"]: p for p in c.collect(NOW + t * 10**9) if p.measurement == "gpu"}
+    gpu = gpus["0"]
+    assert gpu.fields["up"] == 1
     assert gpu.fields["memory_total_bytes"] == 65536 * 1024.0 * 1024.0
     assert gpu.fields["energy_joules_total"] == pytest.approx(2_000_000 * 15.3 / 1e6)
     assert gpu.fields["sm_clock_hertz"] == 2.1e9
-    assert "power_watts" not in gpu.fields
+    assert gpu.fields["ecc_corrected_errors_total"] == 3.0
+    assert gpu.fields["pcie_replay_errors_total"] == 12.0
+    assert gpu.fields["memory_temperature_celsius"] == 80.0
+    assert "power_watts" not in gpu.fields  # NOT_SUPPORTED on this firmware: never asked again
+    assert fake_amdsmi.calls["amdsmi_get_power_info"] == 1 + 3  # gpu 0 once, gpu 1 each time
     assert gpu.tags["gpu_uuid"] == "amd-uuid-0"
+    assert gpus["1"].fields["power_watts"] == 650.0
+
+
+def test_amdsmi_reads_hotspot_where_the_edge_sensor_is_missing(fake_amdsmi):
+    c = AmdSmiCollector("h", fake_amdsmi)
+    c.open()
+    for t in range(3):
+        gpus = {p.tags["gpu"]: p for p in c.collect(NOW + t * 10**9) if p.measurement == "gpu"}
+    assert gpus["0"].fields["temperature_celsius"] == 55.0  # edge
+    assert gpus["1"].fields["temperature_celsius"] == 71.0  # MI300: hotspot/junction
+    # The missing edge sensor is asked once: 3 samples x (core + VRAM) + 1 failed edge.
+    assert fake_amdsmi.calls["amdsmi_get_temp_metric"] == 3 * 2 * 2 + 1
+
+
+@pytest.mark.parametrize("old_api", [False, True])
+def test_amdsmi_process_lists_of_old_and_new_releases_map_to_ranks(fake_amdsmi_factory,
+                                                                   old_api):
+    smi = fake_amdsmi_factory(old_process_api=old_api)
+    pids = {4242: Watched(4242, "r", 0), 4243: Watched(4243, "r", 1)}
+    c = AmdSmiCollector("h", smi, pid_map=lambda: pids)
+    c.open()
+    procs = {p.tags["rank"]: p.fields for p in c.collect(NOW) if p.measurement == "gpu_process"}
+    assert procs == {"0": {"memory_used_bytes": float(1 << 30), "processes": 1},
+                     "1": {"memory_used_bytes": float(2 << 30), "processes": 1}}
+    # At most every 5 s, like NVML.
+    for t in range(1, 11):
+        c.collect(NOW + t * 10**9)
+    assert smi.calls["amdsmi_get_gpu_process_list"] == 3 * 2
+
+
+def test_amdsmi_errors_are_retried_and_a_gpu_that_answers_nothing_is_down(fake_amdsmi):
+    from .conftest import AmdSmiLibraryException
+
+    c = AmdSmiCollector("h", fake_amdsmi)
+    c.open()
+    c.collect(NOW)
+    names = [n for n in dir(fake_amdsmi) if n.startswith("amdsmi_get_")
+             and n not in ("amdsmi_get_processor_handles", "amdsmi_get_gpu_device_uuid")]
+    for name in names:
+        fake_amdsmi.fail[("h1", name)] = [AmdSmiLibraryException(8)] * 3  # TIMEOUT
+    gpus = {p.tags["gpu"]: p for p in c.collect(NOW + 10**9) if p.measurement == "gpu"}
+    assert gpus["1"].fields == {"up": 0} and gpus["0"].fields["up"] == 1
+    for name in names:
+        fake_amdsmi.fail[("h1", name)] = []
+    gpus = {p.tags["gpu"]: p for p in c.collect(NOW + 3 * 10**9) if p.measurement == "gpu"}
+    assert gpus["1"].fields["up"] == 1 and gpus["1"].fields["utilization_percent"] == 77.0
 
 
 def test_amdsmi_not_importable_is_unavailable(monkeypatch):
