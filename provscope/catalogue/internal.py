@@ -26,6 +26,7 @@ SPECS: list[MetricSpec] = [
     _c("points_replayed_total", "points", "Spooled records delivered after the destination came back."),
     _c("retries_total", "count", "Export attempts repeated after a retryable failure."),
     _c("batches_failed_total", "count", "Batches the destination rejected."),
+    _c("fields_skipped_total", "count", "Fields a destination leaves out on purpose (not catalogued, not a number, over a series limit, setting off); counted, never silent."),
     _g("queue_depth", "points", "Records waiting in the in-memory queue."),
     _g("spool_bytes", "bytes", "Bytes waiting in the on-disk spool."),
     _g("export_latency_seconds", "seconds", "Duration of the last successful export call."),
