@@ -128,6 +128,10 @@ class ClientConfig(_Model):
     reconnect_s: float = Field(2.0, gt=0, le=3600, description="How often the in-job client retries the agent socket, seconds.")
     hash_max_bytes: int = Field(1 << 30, ge=0, description="Files up to this size get a sha256 digest in use()/produce(); larger ones record size and mtime only.")
     step_task_every: int = Field(100, ge=0, description="run.steps() records one step task every N steps (0: none); every step still logs step_time_seconds.")
+    identity_wait_s: float = Field(10.0, ge=0, le=600, description="A rank other than 0 of a job with no launcher id waits up to this long, once, for rank 0's run id over torch.distributed, seconds (then it records under its own run id).")
+    telemetry: bool = Field(True, description="When the job runs its own pipeline (no agent): sample the node, the job's process tree and its GPUs in the job, on one background thread.")
+    telemetry_interval_s: float = Field(5.0, ge=0.1, le=3600, description="Sampling interval of the in-job telemetry, seconds (one sample at start and one at exit as well).")
+    telemetry_collectors: tuple[Literal["cpu", "memory", "disk", "net", "process", "nvml"], ...] = Field(("cpu", "memory", "disk", "net", "process", "nvml"), description="Collectors the in-job telemetry runs (the agent's collectors of the same names; nvml reads only the job's own GPUs).")
 
 
 class TorchConfig(_Model):
