@@ -13,6 +13,8 @@ import sys
 from collections import Counter, defaultdict
 from typing import Any
 
+from provscope import jsonsafe
+
 __all__ = ["format_bytes", "format_duration", "register"]
 
 
@@ -105,22 +107,13 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if hasattr(value, "isoformat"):
-        return None if _na(value) else value.isoformat()
-    if _na(value):
-        return None
-    if hasattr(value, "item"):  # numpy scalars
-        return value.item()
-    return value
+def _row(row: dict[str, Any]) -> dict[str, Any]:
+    """One DataFrame row as JSON: a missing cell (None, NaN, NA, NaT) is null."""
+    return {str(k): None if _na(v) else jsonsafe.jsonable(v) for k, v in row.items()}
 
 
 def _records(df: Any) -> list[dict[str, Any]]:
-    return [_jsonable(r) for r in df.to_dict(orient="records")]
+    return [_row(r) for r in df.to_dict(orient="records")]
 
 
 # ----------------------------------------------------------------------------- runs
@@ -160,7 +153,7 @@ def run_show(args: argparse.Namespace) -> int:
     entities = query.entities(run_id, config=config)
     relations = query.relations(run_id, config=config)
     if args.json:
-        print(json.dumps({"run": _jsonable(run.to_dict()), "tasks": _records(tasks),
+        print(json.dumps({"run": _row(run.to_dict()), "tasks": _records(tasks),
                           "entities": _records(entities), "relations": _records(relations)},
                          indent=2))
         return 0

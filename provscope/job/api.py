@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from provscope import jsonsafe
 from provscope.ids import new_id
 from provscope.job import capture, context
 from provscope.job.run import Run, Task, _TaskScope, enabled
@@ -182,7 +183,7 @@ def _scope_for_call(fn_name: str, kind: str, sig: inspect.Signature | None,
                 if capture.looks_like_path(value):
                     paths[name] = value
                 else:
-                    params[name] = capture.summarise(value)
+                    params[name] = jsonsafe.summarise(value)
         return _TaskScope(run, fn_name, kind, params or None, paths or None)
     except Exception:
         return None
@@ -196,7 +197,7 @@ def _record_return(task: Task, value: Any) -> None:
             task.run.produce(path, "file", role="return" if len(paths) == 1 else f"return[{i}]",
                              task_id=task.task_id)
         if not paths or len(paths) < len(values):
-            task.result["return"] = capture.summarise(value)
+            task.result["return"] = jsonsafe.summarise(value)
     except Exception:
         task.run.errors += 1
 

@@ -1,18 +1,12 @@
-"""What the in-job API captures: argument summaries, file digests, code, environment, resources.
+"""What the in-job API captures: file digests, code, environment, resources.
 
-Everything here is defensive: a value that cannot be described is summarised by its type,
-a command that hangs is cut off by a short timeout, and no function raises. Nothing is
-ever pickled whole: tensors, arrays, open files and huge containers become small JSON
-dicts (type, shape, dtype, size, first items).
+Everything here is defensive: a command that hangs is cut off by a short timeout, and no
+function raises. Argument and result summaries are ``provscope.jsonsafe.summarise``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import hashlib
-import io
-import math
 import os
 import platform
 import resource
@@ -20,7 +14,6 @@ import shlex
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -34,123 +27,13 @@ __all__ = [
     "looks_like_path",
     "reset_after_fork",
     "script_dir",
-    "summarise",
-    "to_jsonable",
 ]
-
-# Limits of an argument summary: small enough that a task row stays a few KB.
-MAX_STR = 256
-MAX_ITEMS = 16
-MAX_KEYS = 32
-MAX_DEPTH = 4
-HEAD_ITEMS = 3
 
 # Packages whose versions go into the run's environment when they are installed.
 KEY_PACKAGES = (
     "provscope", "torch", "numpy", "transformers", "accelerate", "deepspeed", "lightning",
     "pytorch-lightning", "datasets", "tokenizers", "triton", "nvidia-ml-py",
 )
-
-
-def _qualname(value: Any) -> str:
-    cls = type(value)
-    module = cls.__module__
-    return cls.__qualname__ if module == "builtins" else f"{module}.{cls.__qualname__}"
-
-
-def _tensor_like(value: Any) -> dict[str, Any] | None:
-    shape = getattr(value, "shape", None)
-    dtype = getattr(value, "dtype", None)
-    if shape is None or dtype is None:
-        return None
-    try:
-        dims = [int(d) for d in shape]
-    except (TypeError, ValueError):
-        return None
-    out: dict[str, Any] = {"type": _qualname(value), "shape": dims, "dtype": str(dtype)}
-    device = getattr(value, "device", None)
-    if device is not None:
-        out["device"] = str(device)
-    out["numel"] = math.prod(dims)
-    return out
-
-
-def summarise(value: Any, *, max_str: int = MAX_STR, max_items: int = MAX_ITEMS,
-              max_keys: int = MAX_KEYS, _depth: int = 0) -> Any:
-    """A small JSON-safe description of any value. Never raises, never pickles.
-
-    Scalars pass through (NaN/inf become strings); short strings pass through, long ones
-    become ``{"type": "str", "len", "head"}``; small lists/tuples/dicts are kept with
-    their items summarised, big ones become ``{"type", "len", "first"}``; tensors and
-    arrays become ``{"type", "shape", "dtype", "device", "numel"}``; open files
-    ``{"type", "name", "mode"}``; anything else ``{"type", "repr"}`` (repr cut short).
-    """
-    try:
-        return _summarise(value, max_str, max_items, max_keys, _depth)
-    except Exception:  # a hostile __repr__/__len__: describe the type only
-        return {"type": _qualname(value)}
-
-
-def _summarise(value: Any, max_str: int, max_items: int, max_keys: int, depth: int) -> Any:
-    if value is None or isinstance(value, bool | int):
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else repr(value)
-    if isinstance(value, str):
-        if len(value) <= max_str:
-            return value
-        return {"type": "str", "len": len(value), "head": value[:64]}
-    if isinstance(value, bytes | bytearray | memoryview):
-        return {"type": _qualname(value), "len": len(value)}
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    tensor = _tensor_like(value)
-    if tensor is not None:
-        if not tensor["shape"] and hasattr(value, "item"):
-            try:  # a 0-d tensor or numpy scalar: its value is the useful part
-                return _summarise(value.item(), max_str, max_items, max_keys, depth)
-            except Exception:
-                pass
-        return tensor
-    if isinstance(value, io.IOBase):
-        return {"type": _qualname(value), "name": str(getattr(value, "name", "")),
-                "mode": str(getattr(value, "mode", ""))}
-    nxt = depth + 1
-    if isinstance(value, Mapping):
-        n = len(value)
-        if n <= max_keys and depth < MAX_DEPTH:
-            return {str(k): _summarise(v, max_str, max_items, max_keys, nxt)
-                    for k, v in value.items()}
-        keys = [str(k)[:64] for _, k in zip(range(HEAD_ITEMS * 3), value, strict=False)]
-        return {"type": _qualname(value), "len": n, "first_keys": keys}
-    if isinstance(value, list | tuple | set | frozenset):
-        n = len(value)
-        if n <= max_items and depth < MAX_DEPTH and not isinstance(value, set | frozenset):
-            return [_summarise(v, max_str, max_items, max_keys, nxt) for v in value]
-        head = [_summarise(v, 64, HEAD_ITEMS, HEAD_ITEMS, MAX_DEPTH)
-                for _, v in zip(range(HEAD_ITEMS), value, strict=False)]
-        return {"type": _qualname(value), "len": n, "first": head}
-    if dataclasses.is_dataclass(value) and not isinstance(value, type) and depth < MAX_DEPTH:
-        return {f.name: _summarise(getattr(value, f.name), max_str, max_items, max_keys, nxt)
-                for f in dataclasses.fields(value)[:max_keys]}
-    fields = getattr(type(value), "model_fields", None)  # pydantic models
-    if isinstance(fields, Mapping) and depth < MAX_DEPTH:
-        return {k: _summarise(getattr(value, k, None), max_str, max_items, max_keys, nxt)
-                for k in list(fields)[:max_keys]}
-    if type(value).__name__ == "Namespace" and hasattr(value, "__dict__"):  # argparse
-        return _summarise(vars(value), max_str, max_items, max_keys, depth)
-    out: dict[str, Any] = {"type": _qualname(value)}
-    if hasattr(value, "__len__"):
-        with contextlib.suppress(Exception):
-            out["len"] = len(value)
-    text = repr(value)
-    out["repr"] = text if len(text) <= 120 else text[:117] + "..."
-    return out
-
-
-def to_jsonable(value: Any) -> Any:
-    """Like ``summarise`` with roomier limits: for a run's config (kept nearly whole)."""
-    return summarise(value, max_str=4096, max_items=256, max_keys=1024)
 
 
 def looks_like_path(value: Any) -> bool:

@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, TypeVar
 
-from provscope import env
+from provscope import env, jsonsafe
 from provscope.config import Config, load_config
 from provscope.errors import ConfigError
 from provscope.ids import content_id, entity_key, new_id
@@ -140,7 +140,7 @@ class Task:
     def set_result(self, **values: Any) -> None:
         """Add summarised values to the task's result (written at task end)."""
         for key, value in values.items():
-            self.result[key] = capture.summarise(value)
+            self.result[key] = jsonsafe.summarise(value)
 
     def use(self, path_or_uri: str | os.PathLike[str], kind: str = "dataset",
             **attrs: Any) -> str:
@@ -280,7 +280,7 @@ class Run:
                 self.parent_run_id = outer.run_id
         self.owner = self.id_source != "env"
         self.origin = "implicit" if implicit else ("job" if self.rank == 0 else "worker")
-        self.hparams = capture.to_jsonable(hparams) if hparams is not None else None
+        self.hparams = jsonsafe.jsonable(hparams, jsonsafe.CONFIG) if hparams is not None else None
         self.status = "created"
         self.errors = 0
         self.counts = {"points": 0, "tasks": 0, "entities": 0, "relations": 0, "runs": 0,
@@ -517,7 +517,7 @@ class Run:
         is recorded (status failed, error text) and goes on unchanged.
         """
         try:
-            summary = {k: capture.summarise(v) for k, v in params.items()} or None
+            summary = {k: jsonsafe.summarise(v) for k, v in params.items()} or None
         except Exception:
             summary = None
         return _TaskScope(self, name, kind, summary)
@@ -612,7 +612,7 @@ class Run:
         if self._sink is None:
             return new_id()
         try:
-            attributes = {k: capture.summarise(v) for k, v in attrs.items()}
+            attributes = {k: jsonsafe.summarise(v) for k, v in attrs.items()}
             if kind not in ENTITY_KINDS:
                 attributes["declared_kind"] = str(kind)
                 self._warn_once(f"entity:{kind}", f"entity kind {kind!r} is not one of "
@@ -623,7 +623,7 @@ class Run:
             else:
                 found = {"uri": None, "name": type(path_or_uri).__name__, "digest": None,
                          "size_bytes": None, "attributes": {
-                             "value": capture.summarise(path_or_uri)}}
+                             "value": jsonsafe.summarise(path_or_uri)}}
             attributes.update(found["attributes"])
             if step is not None:
                 attributes["step"] = int(step)

@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from provscope import jsonsafe
 from provscope.errors import ConfigError
 from provscope.pytorch import stats as ts
 from provscope.pytorch.model import (
@@ -669,10 +670,11 @@ class Watcher:
             "layer_hooks": "on" if self._hooks_allowed else f"skipped: {self.compiled_reason}",
         })
         if hyperparameters:
-            attrs["hyperparameters"] = _jsonable(hyperparameters)
+            attrs["hyperparameters"] = jsonsafe.jsonable(hyperparameters, jsonsafe.CONFIG)
         if self.optimizer is not None:
             attrs["optimizer"] = type(self.optimizer).__name__
-            attrs["optimizer_defaults"] = _jsonable(getattr(self.optimizer, "defaults", {}))
+            defaults = getattr(self.optimizer, "defaults", {})
+            attrs["optimizer_defaults"] = jsonsafe.jsonable(defaults, jsonsafe.CONFIG)
         run_id = self._base_tags["run_id"] or None
         # Keyed by architecture: one model entity across runs; the weights are checkpoints.
         attrs["architecture_digest"] = digest = architecture_digest(self.inner)
@@ -765,18 +767,6 @@ class Watcher:
     def __repr__(self) -> str:
         return (f"Watcher(layers={len(self._layers)}, every={self.every}, step={self.step}, "
                 f"active={self.active})")
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        return value.item()
-    return repr(value)
 
 
 def watch(
