@@ -6,27 +6,19 @@ CI=true it fails them, so a CI machine without the servers cannot pass silently.
 
 from __future__ import annotations
 
-import os
 import uuid
 
 import pytest
 
+from provscope.testing.required import unavailable
 from provscope.testing.servers import InfluxServer, PostgresServer, ServerUnavailable
-
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-
-
-def _unavailable(exc: Exception) -> None:
-    if IN_CI:
-        pytest.fail(f"required server missing in CI: {exc}")
-    pytest.skip(str(exc))
 
 
 def _running(server_class):
     try:
         server = server_class()
     except ServerUnavailable as exc:
-        _unavailable(exc)
+        unavailable(exc)
     return server.start()
 
 

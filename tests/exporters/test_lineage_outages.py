@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sqlite3
 import threading
 import time
@@ -15,6 +14,7 @@ from provscope.exporters.pipeline import Pipeline
 
 from provscope.ids import new_id
 from provscope.records import RunRecord, TaskRecord
+from provscope.testing.required import unavailable
 from provscope.testing.servers import PostgresServer, ServerUnavailable
 
 
@@ -43,9 +43,7 @@ def own_postgres():
     try:
         server = PostgresServer()
     except ServerUnavailable as exc:  # pragma: no cover - depends on the machine
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(f"required server missing in CI: {exc}")
-        pytest.skip(str(exc))
+        unavailable(exc)
     server.start()
     yield server
     server.close()

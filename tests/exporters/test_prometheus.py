@@ -3,8 +3,6 @@ Prometheus scrape."""
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 import time
 import urllib.request
@@ -21,9 +19,8 @@ from provscope.exporters.prometheus import (
 
 from provscope.catalogue import specs
 from provscope.records import Point, RunRecord
+from provscope.testing.required import require_binary, unavailable
 from provscope.testing.servers import PrometheusServer, ServerUnavailable
-
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
 def _points(t=1):
@@ -76,11 +73,7 @@ def test_series_not_updated_for_expire_s_disappear(exporter):
 
 
 def test_promtool_finds_nothing_to_complain_about():
-    promtool = shutil.which("promtool")
-    if not promtool:
-        if IN_CI:
-            pytest.fail("promtool missing in CI")
-        pytest.skip("promtool not installed")
+    promtool = require_binary("promtool", "prometheus")
     exporter = PrometheusExporter(serve=False, layers=True)
     # Every catalogued series at once, as a fully loaded agent would expose them, with
     # layer statistics on, a user scalar and a run.
@@ -109,9 +102,7 @@ def test_a_real_prometheus_scrapes_the_agents_metrics(exporter):
         # An int interval: the config must say "1s"; Prometheus rejects "1.0s".
         prom = PrometheusServer([f"127.0.0.1:{exporter.port}"], interval_s=1)
     except ServerUnavailable as exc:
-        if IN_CI:
-            pytest.fail(str(exc))
-        pytest.skip(str(exc))
+        unavailable(exc)
     exporter._expire_s = 600
     exporter.export(_points())
     prom.start()

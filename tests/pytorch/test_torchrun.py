@@ -5,7 +5,6 @@ name and config (``workflow("ddp-train", config=...)``), not the launcher's."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -17,6 +16,7 @@ pytest.importorskip("torch")
 
 from provscope import query
 from provscope.config import load_config
+from provscope.testing.required import require_binary
 from provscope.testing.servers import free_port
 
 pytestmark = [pytest.mark.torch, pytest.mark.integration, pytest.mark.slow]
@@ -49,12 +49,9 @@ SCRIPT = textwrap.dedent("""
 
 
 def _entry_points() -> tuple[str, str]:
-    bin_dir = Path(sys.executable).parent
-    provscope_cli = shutil.which("provscope", path=str(bin_dir))
-    torchrun = shutil.which("torchrun", path=str(bin_dir))
-    if provscope_cli is None or torchrun is None:
-        pytest.skip("provscope / torchrun entry points are not installed next to python")
-    return provscope_cli, torchrun
+    bin_dir = str(Path(sys.executable).parent)
+    return (require_binary("provscope", "provscope (pip install -e .)", bin_dir),
+            require_binary("torchrun", "torch", bin_dir))
 
 
 def _env(tmp_path: Path, db: str) -> dict[str, str]:
