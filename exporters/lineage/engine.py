@@ -1,5 +1,5 @@
-"""Lineage URLs and engines: which database a URL names, how to connect to it, and how
-values are serialised for its JSON columns.
+"""Lineage URLs and engines: which database a URL names and how to connect to it (JSON
+columns are serialised by ``provscope.jsonsafe.dumps``).
 
 The store is chosen by URL scheme (``sqlite:///path.db``, ``postgresql://user@host/db``)
 through ``SCHEMES``; the PostgreSQL driver (psycopg 3) is imported only when such a URL is
@@ -9,9 +9,7 @@ used. ``safe_url`` renders a URL for logs and messages without its password.
 from __future__ import annotations
 
 import importlib.util
-import json
-import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +19,7 @@ from sqlalchemy.engine import Engine, make_url
 
 from provscope.errors import ConfigError
 from provscope.forking import reset_in_child
+from provscope.jsonsafe import dumps as json_dumps  # the JSON columns' serialiser
 
 __all__ = [
     "SCHEMES",
@@ -30,36 +29,6 @@ __all__ = [
     "safe_url",
     "spool_key",
 ]
-
-
-# ----------------------------------------------------------------------------- JSON
-
-def _clean(value: Any) -> Any:
-    """JSON-able copy: NaN/inf become None (PostgreSQL's jsonb rejects them), others repr."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, str | int | bool) or value is None:
-        return value
-    if isinstance(value, Mapping):
-        return {str(k): _clean(v) for k, v in value.items()}
-    if isinstance(value, list | tuple | set | frozenset):
-        return [_clean(v) for v in value]
-    text = repr(value)
-    return text if len(text) <= 200 else text[:197] + "..."
-
-
-
-
-_ENCODER = json.JSONEncoder(allow_nan=False, separators=(",", ":"))
-
-
-def json_dumps(value: Any) -> str:
-    """Compact JSON text for a JSON column; values JSON cannot hold are summarised
-    (NaN/inf become null, other objects their repr), never rejected."""
-    try:
-        return _ENCODER.encode(value)
-    except (TypeError, ValueError):
-        return _ENCODER.encode(_clean(value))
 
 
 # ----------------------------------------------------------------------------- URLs / engines

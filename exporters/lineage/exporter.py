@@ -18,6 +18,7 @@ from provscope.exporters.lineage.spool import LineageSpool, default_spool_root
 from provscope.exporters.lineage.store import SqlLineageStore
 from sqlalchemy import exc as sa_exc
 
+from provscope.backoff import Backoff
 from provscope.errors import LineageSchemaError
 
 if TYPE_CHECKING:
@@ -41,7 +42,8 @@ class SqlLineageExporter:
       - database locked, unreachable or restarting, or of a newer schema version: the batch
         goes to the on-disk spool (``spool_dir``) and counts as accepted; later batches
         follow it there (order kept) until a replay succeeds. Replays are attempted with a
-        backoff (0.5 s doubling to 10 s) and on ``flush``. Without a spool (``spool_dir``
+        backoff (``provscope.backoff``: full jitter, window 0.5 s doubling to 10 s) and on
+        ``flush``. Without a spool (``spool_dir``
         None, or unusable) the answer is ``RETRY``: the batch stays in the pipeline's
         bounded queue. A warning is logged at most once a minute (the newer-schema error,
         once an hour).
@@ -77,7 +79,7 @@ class SqlLineageExporter:
         self.last_error: str | None = None
         self._last_log: dict[str, float] = {}
         self._next_replay = 0.0
-        self._replay_backoff = 0.0
+        self._replay_backoff = Backoff(0.5, 10.0)
         self._lock = threading.Lock()
         self._closed = False
 
@@ -152,10 +154,9 @@ class SqlLineageExporter:
             self._server_gone = _no_server(exc)
             if not self._unavailable(exc):
                 log.exception("lineage spool replay failed")
-            self._replay_backoff = min(10.0, max(0.5, self._replay_backoff * 2))
-            self._next_replay = time.monotonic() + self._replay_backoff
+            self._next_replay = time.monotonic() + self._replay_backoff.next()
             return False
-        self._replay_backoff = 0.0
+        self._replay_backoff.reset()
         self.last_error = None
         return True
 

@@ -120,7 +120,7 @@ def test_relations_are_deduplicated_and_distinguished_by_role(store):
     assert train["time_ns"] == T0 and train["run_id"] == run_id
 
 
-def test_json_columns_round_trip_nested_values_and_replace_nan(store):
+def test_json_columns_round_trip_nested_values_and_spell_out_nan(store):
     run_id = new_id()
     config = {"model": {"layers": 4, "dims": [64, 128]}, "name": "é", "drop": float("nan")}
     store.write([RunRecord(run_id, config=config, code={"commit": "abc123", "dirty": True},
@@ -133,7 +133,7 @@ def test_json_columns_round_trip_nested_values_and_replace_nan(store):
         typed = conn.execute(sa.select(RUNS.c.config, RUNS.c.environment)).one()
         attrs = conn.execute(sa.select(ENTITIES.c.attributes)).scalar_one()
     assert typed.config == {"model": {"layers": 4, "dims": [64, 128]}, "name": "é",
-                            "drop": None}
+                            "drop": "nan"}
     assert typed.environment["packages"]["torch"] == "2.13.0"
     assert attrs == {"params": 12345, "ok": None}
     assert row["code_commit"] == "abc123" and bool(row["code_dirty"]) is True
@@ -151,7 +151,8 @@ def test_non_serialisable_json_values_are_summarised_not_rejected(store):
 
     with store.engine.connect() as conn:
         params = conn.execute(sa.select(TASKS.c.params)).scalar_one()
-    assert params == {"obj": "<Opaque>", "inf": None}
+    assert params == {"obj": {"type": f"{__name__}.{Opaque.__qualname__}", "repr": "<Opaque>"},
+                      "inf": "inf"}
 
 
 def test_exporter_writes_a_batch_and_counts_rows(store):
