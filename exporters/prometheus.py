@@ -272,7 +272,7 @@ class PrometheusExporter:
 
     def _point(self, point: Any, now: float) -> None:
         tags: Mapping[str, str] = point.tags
-        run: tuple[str, str] | None = None  # (run id, slot) once resolved for this point
+        run: tuple[str, str] | str | None = None  # (run id, slot), or why not; once per point
         for field_, value in point.fields.items():
             kind, target = self._plan(point.measurement, field_)
             if kind == _SKIP:
@@ -281,24 +281,20 @@ class PrometheusExporter:
             if isinstance(value, str):
                 self._skip("not_numeric", f"{point.measurement}.{field_}")
                 continue
-            if kind == "scalar":
-                fam = self._scalar_family(field_)
-                if fam is None:
-                    continue
-                labels = ("host", "rank", SLOT_LABEL, "name")
-            else:
-                fam = target
-                labels = fam.labels
-            owner = None
+            fam = self._scalar_family(field_) if kind == "scalar" else target
+            if fam is None:
+                continue
+            owner: str | None = None
+            slot = ""
             if fam.run_scoped:
                 if run is None:
-                    got = self._run_of(tags, now, point.measurement)
-                    if got is None:
-                        return
-                    run = got
-                owner = run[0]
-            key = self._key(labels, tags, run[1] if run is not None else "",
-                            field_ if kind == "scalar" else "")
+                    run = self._run_of(tags, now)
+                if isinstance(run, str):
+                    self._skip(run, f"{point.measurement}.{field_} (run "
+                               f"{tags.get(RUN_TAG) or '(none)'})")
+                    continue
+                owner, slot = run
+            key = self._key(fam.labels, tags, slot, field_ if kind == "scalar" else "")
             entry = fam.values.get(key)
             if entry is None:
                 if self._series >= self.max_series:
@@ -344,23 +340,18 @@ class PrometheusExporter:
                 ("host", "rank", SLOT_LABEL, "name"))
         return fam
 
-    def _run_of(self, tags: Mapping[str, str], now: float, measurement: str
-                ) -> tuple[str, str] | None:
-        """(run id, run_slot) of a run-scoped point; None when it is left out (counted)."""
+    def _run_of(self, tags: Mapping[str, str], now: float) -> tuple[str, str] | str:
+        """(run id, run_slot) of a run-scoped point, or the reason it is left out."""
         run_id = tags.get(RUN_TAG)
         if not run_id:
-            self._skip("no_run_id", f"{measurement} point without run_id")
-            return None
+            return "no_run_id"
         if run_id in self._ended:
-            self._skip("run_ended", f"{measurement} point of ended run {run_id}")
-            return None
+            return "run_ended"
         run = self._runs.get(run_id)
         if run is None:
             self._expire_runs(now)  # a run gone quiet gives its slot to this one
             if len(self._runs) >= _MAX_RUNS:
-                self._skip("run_limit", f"{measurement} point of run {run_id} ({_MAX_RUNS} "
-                           f"runs active)")
-                return None
+                return "run_limit"
             used = {r.slot for r in self._runs.values()}
             slot = next(i for i in range(len(used) + 1) if i not in used)
             run = self._runs[run_id] = _Run(slot, self._names.get(run_id, ""), now)
@@ -477,5 +468,5 @@ _REASONS = {
     "scalar_names_limit": "too many distinct training scalar names",
     "no_run_id": "a run-scoped point without run_id",
     "run_ended": "its run has ended",
-    "run_limit": "too many runs active at once",
+    "run_limit": f"{_MAX_RUNS} runs are active at once already",
 }
