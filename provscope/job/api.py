@@ -137,8 +137,12 @@ def produce(path_or_uri: str | os.PathLike[str], kind: str = "checkpoint",
 
 
 def flush(timeout_s: float = 10.0) -> bool:
-    """Wait up to ``timeout_s`` until everything recorded so far is written. Blocks."""
+    """Write the current run's open step (its ``train`` point), then wait up to
+    ``timeout_s`` until everything recorded so far is written. Blocks."""
     try:
+        run = current_run()
+        if run is not None:
+            run.step_buffer.complete()
         return flush_all(timeout_s)
     except Exception:
         return False

@@ -34,11 +34,11 @@ from typing import Any, TypeVar
 
 from provscope import env, jsonsafe
 from provscope.config import Config, load_config
-from provscope.errors import ConfigError
 from provscope.ids import content_id, entity_key, new_id
 from provscope.job import capture, context, identity
 from provscope.job.context import run_var, task_var
-from provscope.job.sink import Sink, get_sink
+from provscope.job.sink import Sink, get_sink, on_exit
+from provscope.job.stepbuffer import StepBuffer, complete_all
 from provscope.records import (
     ENTITY_KINDS,
     RUN_STATUSES,
@@ -63,6 +63,11 @@ _INT_FIELDS = frozenset({"step", "epoch"})
 _COUNT_KEYS = {"point": "points", "entity": "entities", "relation": "relations", "run": "runs"}
 
 
+# A step still open at exit (the last one, a forked child's) is written before the sinks
+# shut down.
+on_exit(complete_all)
+
+
 def enabled() -> bool:
     """False when ``PROVSCOPE_ENABLED`` is 0/false/no/off: the whole API is a no-op."""
     return os.environ.get(env.ENABLED, "1").strip().lower() not in ("0", "false", "no", "off")
@@ -80,17 +85,31 @@ def _stopped_by(exc: BaseException | None) -> str:
     return "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
 
 
+_reported_settings: set[str] = set()
+
+
+def _report_setting(line: str) -> None:
+    """One log line per bad setting and process (every workflow reads the same sources)."""
+    if line not in _reported_settings:
+        _reported_settings.add(line)
+        log_.error("provscope: %s; this setting is ignored, the others apply", line)
+
+
 def _resolve_settings(settings: Any) -> Config:
+    """The job's config: a bad setting is reported (naming its source) and ignored, the
+    valid ones are kept; nothing here raises into the job."""
     if isinstance(settings, Config):
         return settings
     try:
         if settings is None:
-            return load_config()
+            return load_config(report=_report_setting)
         if isinstance(settings, Mapping):
-            return load_config(overrides=settings)
-        return load_config(settings)
-    except ConfigError as exc:
-        log_.error("provscope: %s; recording with the default settings instead", exc)
+            return load_config(overrides=settings, overrides_source="workflow(settings=...)",
+                               report=_report_setting)
+        return load_config(settings, report=_report_setting)
+    except Exception as exc:  # a bug here must not fail the job
+        log_.error("provscope: cannot read the settings (%s); recording with the defaults",
+                   exc)
         return Config()
 
 
@@ -289,6 +308,9 @@ class Run:
         self.epoch: int | None = None
         self._tags_ = {"run_id": self._run_id, "host": self.host, "rank": str(self.rank)}
         self._sink: Sink | None = get_sink(self.config) if self.enabled else None
+        #: The open training step: ``log``, ``steps`` and ``watch()`` merge their fields
+        #: into one ``train`` point per step (provscope/job/stepbuffer.py).
+        self.step_buffer = StepBuffer(self._write_train)
         self._owner_thread = threading.get_ident()
         self._main_stack: list[str] = []
         self._tokens: tuple[Any, Any] | None = None
@@ -390,6 +412,10 @@ class Run:
                             f"{', '.join(RUN_STATUSES[1:])}; recorded as 'failed'")
             status = "failed"
         try:
+            self.step_buffer.complete()  # the last step's point, before the run ends
+        except Exception:
+            self.errors += 1
+        try:
             if self.enabled:
                 if self._start_due:  # rank 0's id never came: keep this rank's own
                     self._pending = self._start_due = False
@@ -458,8 +484,15 @@ class Run:
                          self.name, self._run_id)
 
     def flush(self, timeout_s: float = 10.0) -> bool:
-        """Wait up to ``timeout_s`` until this run's records are written. Blocks."""
-        return self._sink.flush(timeout_s) if self._sink is not None else True
+        """Write the open step's ``train`` point, then wait up to ``timeout_s`` until this
+        run's records are written. Blocks."""
+        if self._sink is None:
+            return True
+        try:
+            self.step_buffer.complete()
+        except Exception:
+            self.errors += 1
+        return self._sink.flush(timeout_s)
 
     def written(self) -> dict[str, int]:
         """Records the destinations accepted so far (embedded mode), after a ``flush``."""
@@ -473,40 +506,53 @@ class Run:
     # ------------------------------------------------------------------ scalars
 
     def log(self, step: int | None = None, **scalars: Any) -> None:
-        """Record scalars as one ``train`` point tagged run_id/host/rank.
+        """Record scalars in the step's ``train`` point, tagged run_id/host/rank.
 
-        ``step`` is a field (the current ``steps()`` step when omitted). Values may be
-        numbers, bools, short strings, 0-d tensors or numpy scalars; others are skipped
-        and counted in ``errors``. Never blocks, never raises.
+        ``step`` is a field: the current step (``run.steps()``, or a watcher counting
+        optimizer steps) when omitted. Every scalar of one step, from ``log``,
+        ``steps`` and ``watch()``, goes into ONE point, written when the step is complete
+        (the next step begins or another step number is logged, or ``flush``/the end of
+        the run); a later value of the same field replaces the earlier one. With no step
+        at all the scalars are one point of their own, at once. Values may be numbers,
+        bools, short strings, 0-d tensors or numpy scalars; others are skipped and counted
+        in ``errors``. Never blocks, never raises.
         """
         if self._sink is None:
             return
         try:
-            fields: dict[str, Any] = {}
-            for key, value in scalars.items():
+            skipped: list[str] | None = None
+            for key, value in scalars.items():  # **scalars is a dict of our own: in place
                 try:
                     v = _scalar(value)
                 except Exception:
                     self.errors += 1
-                    continue
+                    v = None
                 if v is None:
+                    skipped = [*(skipped or ()), key]
                     continue
                 if key in _INT_FIELDS and isinstance(v, float) and v.is_integer():
                     v = int(v)
                 elif isinstance(v, int) and not isinstance(v, bool) and key not in _INT_FIELDS:
                     v = float(v)
-                fields[key] = v
+                if v is not value:
+                    scalars[key] = v
+            for key in skipped or ():
+                del scalars[key]
             if step is None:
                 step = self.step
             if step is not None:
-                fields["step"] = int(step)
-            if self.epoch is not None and "epoch" not in fields:
-                fields["epoch"] = self.epoch
-            if not fields:
+                self.step_buffer.add(int(step), scalars)
                 return
-            self.emit(Point(TRAIN, self._tags, fields, time.time_ns()))
+            if self.epoch is not None and "epoch" not in scalars:
+                scalars["epoch"] = self.epoch
+            if scalars:
+                self.emit(Point(TRAIN, self._tags, scalars, time.time_ns()))
         except Exception:
             self.errors += 1
+
+    def _write_train(self, fields: dict[str, Any], time_ns: int) -> None:
+        """The step buffer's writer: one ``train`` point per finished step."""
+        self.emit(Point(TRAIN, self._tags, fields, time_ns))
 
     # ------------------------------------------------------------------ tasks
 
@@ -677,7 +723,7 @@ class Run:
         Leaving the loop early (``break``) closes the open epoch as finished.
         """
         for epoch in range(start, n):
-            self.epoch = epoch
+            self.epoch = self.step_buffer.epoch = epoch
             scope = _TaskScope(self, f"epoch {epoch}", "epoch", {"epoch": epoch})
             scope.__enter__()
             try:
@@ -690,13 +736,26 @@ class Run:
         """Yield ``(step, item)`` with a global step counter that continues across epochs.
 
         Each step's wall time (fetching the item plus the loop body) is logged as
-        ``step_time_seconds`` every ``log_every`` steps (0: never). Step *tasks* are
+        ``step_time_seconds`` every ``log_every`` steps (0: never): the run's one
+        definition of step time. While the loop runs it owns the run's step counter
+        (``run.step``; a watcher follows it), and the step's ``train`` point is written
+        when the next item is fetched. Step *tasks* are
         sampled: one ``step`` task row every ``task_every`` steps (default
         ``client.step_task_every``; 0: none), so a million steps do not make a million rows.
         """
         every = self.config.client.step_task_every if task_every is None else task_every
         iterator = iter(iterable)
         step = self.step + 1 if self.step is not None else 0
+        buffer = self.step_buffer
+        buffer.loops += 1
+        try:
+            yield from self._step_loop(iterator, step, log_every, every)
+        finally:
+            buffer.loops = max(0, buffer.loops - 1)
+
+    def _step_loop(self, iterator: Iterator[Any], step: int, log_every: int,
+                   every: int) -> Iterator[tuple[int, Any]]:
+        buffer = self.step_buffer
         while True:
             t0 = time.perf_counter()
             start_ns = time.time_ns()
@@ -705,6 +764,8 @@ class Run:
             except StopIteration:
                 return
             self.step = step
+            if self._sink is not None:
+                buffer.advance(step)  # the previous step is complete: its point goes out
             yield step, item
             if self._sink is not None:
                 try:

@@ -42,7 +42,7 @@ def _worker(tag: str) -> None:
 def test_multiprocessing_fork_children_log_without_deadlock(embedded):
     ctx = multiprocessing.get_context("fork")
     with provscope.workflow("forks", settings=embedded) as run:
-        run.log(step=0, loss=1.0)  # the parent's pipeline threads are running at the fork
+        run.log(loss=1.0)  # no step: written at once, so the pipeline threads run at the fork
         with run.task("load") as load:
             procs = [ctx.Process(target=_worker, args=(str(i),)) for i in range(2)]
             for proc in procs:
