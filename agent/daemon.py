@@ -34,6 +34,7 @@ from provscope.agent.ingest import IngestServer
 from provscope.agent.scheduler import Scheduled, Scheduler
 from provscope.exporters.pipeline import Pipeline
 
+from provscope.destinations import absolute_paths, describe, destinations
 from provscope.errors import ProvscopeError
 from provscope.wire import socket_path
 
@@ -83,7 +84,11 @@ class Agent:
         extra_exporters: Iterable[Exporter] = (),
         collectors: Sequence[Any] | None = None,
     ) -> None:
-        self.config = config
+        # Relative paths (embedded file, SQLite lineage URL, spool, socket) are anchored to
+        # the directory the agent was started in: a detached agent runs in "/".
+        self.config = config = absolute_paths(config)
+        #: Where this agent writes (``provscope status``, its first log lines).
+        self.destinations = destinations(config)
         self.host = config.host_name
         self.socket_path = socket_path(config)
         self.pid = os.getpid()
@@ -209,6 +214,7 @@ class Agent:
         self.ingest.start()
         log.info("agent started: pid %d, socket %s, host %s", self.pid, self.socket_path,
                  self.host)
+        log.info("records go to: %s", describe(self.where()))
 
     # ---------------------------------------------------------------- ingest hooks
 
@@ -271,7 +277,16 @@ class Agent:
             "watched": [{"pid": w.pid, "run_id": w.run_id, "rank": w.rank}
                         for w in self.watch.snapshot()],
             "prometheus": self.prometheus.url if self.prometheus else None,
+            "destinations": self.where(),
         }
+
+    def where(self) -> dict[str, str]:
+        """Where records go: ``time_series``, ``lineage``, ``spool`` and ``metrics`` (the
+        /metrics URL when served). URLs carry no credentials; paths are absolute."""
+        out = dict(self.destinations)
+        if self.prometheus is not None:
+            out["metrics"] = self.prometheus.url
+        return out
 
     # ---------------------------------------------------------------- stop
 

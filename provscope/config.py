@@ -14,11 +14,13 @@ means lineage goes to the same file.
 
 from __future__ import annotations
 
+import difflib
+import logging
 import os
 import socket
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -123,6 +125,7 @@ class PrometheusConfig(_Model):
 
 
 class ClientConfig(_Model):
+    destination: Literal["auto", "agent", "own"] = Field("auto", description="Where the job's records go. auto: to its own stores when its config names one (influxdb.url, lineage.url or embedded.path differ from their defaults, from any source) and the listening agent writes elsewhere, else to the agent when one listens; agent: to the agent when one listens; own: always to its own stores. A listening agent still watches the job's processes in every case.")
     no_agent: Literal["embedded", "drop"] = Field("embedded", description="When no agent listens: run the pipeline inside the job (embedded) or count and drop.")
     buffer_size: int = Field(100_000, ge=100, le=100_000_000, description="Records the in-job buffer holds; when full the oldest is dropped and counted.")
     reconnect_s: float = Field(2.0, gt=0, le=3600, description="How often the in-job client retries the agent socket, seconds.")
@@ -165,6 +168,11 @@ class Config(_Model):
 
 # ----------------------------------------------------------------------------- loading
 
+log = logging.getLogger("provscope.config")
+
+#: Label of ``overrides`` in messages: the CLI's flag; ``workflow()`` passes its own.
+OVERRIDES_SOURCE = "--set"
+
 
 def _leaves(model: type[BaseModel], prefix: str = "") -> dict[str, Any]:
     """Dotted key -> FieldInfo for every leaf setting."""
@@ -179,9 +187,47 @@ def _leaves(model: type[BaseModel], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _sections(model: type[BaseModel], prefix: str = "") -> set[str]:
+    """Dotted keys of the sections (``influxdb``, ``agent.collectors.cpu``, ...)."""
+    out: set[str] = set()
+    for name, info in model.model_fields.items():
+        ann = info.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            out.add(prefix + name)
+            out |= _sections(ann, f"{prefix}{name}.")
+    return out
+
+
 def env_names() -> dict[str, str]:
     """Map ``PROVSCOPE_*`` environment variable -> dotted setting key."""
     return {env.PREFIX + k.upper().replace(".", "_"): k for k in _leaves(Config)}
+
+
+def _other_env_names() -> set[str]:
+    """The ``PROVSCOPE_*`` variables of ``provscope.env`` that are not settings."""
+    return {v for k, v in vars(env).items()
+            if k.isupper() and isinstance(v, str) and v.startswith(env.PREFIX) and v != env.PREFIX}
+
+
+_reported_env: set[str] = set()
+
+
+def check_environment(environ: Mapping[str, str] | None = None) -> list[str]:
+    """Warn once per process about each ``PROVSCOPE_*`` variable that provscope does not
+    know (neither a setting nor one of ``provscope.env``'s names), naming the closest valid
+    name. Never raises. Returns the unknown names found in this call."""
+    environ = os.environ if environ is None else environ
+    known = set(env_names()) | _other_env_names()
+    unknown = [v for v in environ if v.startswith(env.PREFIX) and v not in known]
+    for var in unknown:
+        if var in _reported_env:
+            continue
+        _reported_env.add(var)
+        close = difflib.get_close_matches(var, sorted(known), n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]}?" if close else "see `provscope config --env`"
+        log.warning("provscope: environment variable %s is not a provscope setting and is "
+                    "ignored; %s", var, hint)
+    return unknown
 
 
 def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
@@ -194,16 +240,6 @@ def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
             node[part] = child
         node = child
     node[parts[-1]] = value
-
-
-def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in over.items():
-        if isinstance(v, Mapping) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v)
-        else:
-            out[k] = v
-    return out
 
 
 def _parse_scalar(text: str) -> Any:
@@ -224,18 +260,75 @@ def _allowed_keys(path: Sequence[str | int]) -> str:
     return ", ".join(model.model_fields)
 
 
-def _one_line(exc: ValidationError, source: str) -> str:
-    err = exc.errors()[0]
-    loc = [p for p in err["loc"]]
-    key = ".".join(str(p) for p in loc)
-    value = err.get("input")
-    if err["type"] == "extra_forbidden":
-        return f"{source}: unknown key {key!r}; allowed keys here: {_allowed_keys(loc)}"
-    msg = err["msg"]
+class _Item(NamedTuple):
+    """One setting as one source gave it."""
+
+    key: str
+    value: Any
+    source: str
+
+
+def _unknown(source: str, key: str) -> str:
+    allowed = _allowed_keys(key.split("."))
+    where = f"; allowed keys here: {allowed}" if allowed else \
+        "; see `provscope config --defaults` for all keys"
+    close = difflib.get_close_matches(key, sorted(_leaves(Config)), n=1, cutoff=0.6)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"{source}: unknown key {key!r}{where}{hint}"
+
+
+def _flatten(tree: Mapping[str, Any], source: str, items: list[_Item],
+             problems: list[str], prefix: str = "") -> None:
+    leaves, sections = _leaves(Config), _sections(Config)
+    for name, value in tree.items():
+        key = f"{prefix}{name}"
+        if key in leaves:
+            items.append(_Item(key, value, source))
+        elif key in sections and isinstance(value, Mapping):
+            _flatten(value, source, items, problems, key + ".")
+        elif key in sections:
+            items.append(_Item(key, value, source))  # validation names what it must be
+        else:
+            problems.append(_unknown(source, key))
+
+
+def _read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    try:
+        text = Path(path).expanduser().read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"config file {str(path)!r} cannot be read: {exc.strerror}") from None
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(loaded).__name__}")
+    return loaded
+
+
+def _bad_value(err: Mapping[str, Any], item: _Item | None) -> str:
+    key = ".".join(str(p) for p in err["loc"])
+    msg = str(err["msg"])
     if msg.startswith("Input should be "):
         msg = "allowed: " + msg[len("Input should be "):]
-    extra = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
-    return f"{source}: {key} = {value!r} is not allowed; {msg}{extra}"
+    source = item.source if item is not None else "config"
+    if item is not None and item.key != key:  # an element of a list setting
+        return f"{source}: {item.key} = {item.value!r} is not allowed ({key}: {msg})"
+    return f"{source}: {key} = {err.get('input')!r} is not allowed; {msg}"
+
+
+def _owner(items: list[_Item], loc: Sequence[Any]) -> int | None:
+    """Index of the item that set the value at ``loc`` (the last source wins)."""
+    dotted = ".".join(str(p) for p in loc)
+    for i in range(len(items) - 1, -1, -1):
+        key = items[i].key
+        if dotted == key or dotted.startswith(key + "."):
+            return i
+    return None
 
 
 def load_config(
@@ -243,6 +336,8 @@ def load_config(
     *,
     overrides: Mapping[str, Any] | Sequence[str] | None = None,
     environ: Mapping[str, str] | None = None,
+    overrides_source: str = OVERRIDES_SOURCE,
+    report: Callable[[str], Any] | None = None,
 ) -> Config:
     """Load, merge and validate the configuration.
 
@@ -251,53 +346,96 @@ def load_config(
         overrides: dotted keys to values (``{"influxdb.url": "http://..."}``) or
             ``["influxdb.url=http://..."]`` strings as given to ``--set``.
         environ: environment to read ``PROVSCOPE_*`` from (default ``os.environ``).
+        overrides_source: how messages name ``overrides`` (``--set``,
+            ``workflow(settings=...)``).
+        report: None (strict): the first problem raises. A callable (lenient, for jobs):
+            each problem is passed to it as one line and only that setting is ignored;
+            every valid setting is kept.
+
+    Unknown ``PROVSCOPE_*`` variables are logged once per process (``check_environment``),
+    never an error.
 
     Returns:
         The frozen ``Config``.
 
     Raises:
-        ConfigError: one line naming the key, the value and what is allowed.
+        ConfigError: (strict only) one line naming the source, the key, the value and what
+            is allowed.
     """
     environ = os.environ if environ is None else environ
-    tree: dict[str, Any] = {}
-    source = "config"
+    items: list[_Item] = []
+    problems: list[str] = []
+
+    def problem(line: str) -> None:
+        if report is None:
+            raise ConfigError(line)
+        problems.append(line)
+
     path = path or environ.get(env.CONFIG) or None
     if path is not None:
-        source = str(path)
         try:
-            text = Path(path).expanduser().read_text(encoding="utf-8")
-        except OSError as exc:
-            raise ConfigError(f"config file {str(path)!r} cannot be read: {exc.strerror}") from None
-        try:
-            loaded = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" line {mark.line + 1}" if mark else ""
-            raise ConfigError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(loaded).__name__}")
-        tree = loaded
+            _flatten(_read_yaml(path), str(path), items, problems)
+        except ConfigError as exc:
+            problem(str(exc))
+    if problems and report is None:
+        raise ConfigError(problems[0])
     names = env_names()
     for var, value in environ.items():
         if var.startswith(env.PREFIX) and var in names:
-            _set_dotted(tree, names[var], _parse_scalar(value))
+            items.append(_Item(names[var], _parse_scalar(value), var))
+    check_environment(environ)
     if overrides:
-        items = (
-            overrides.items() if isinstance(overrides, Mapping)
-            else (split_override(o) for o in overrides)
-        )
-        for key, value in items:
-            if key not in _leaves(Config):
-                raise ConfigError(
-                    f"--set {key}: unknown setting; see `provscope config --defaults` for all keys"
-                )
-            _set_dotted(tree, key, value)
-    try:
-        return Config.model_validate(tree)
-    except ValidationError as exc:
-        raise ConfigError(_one_line(exc, source)) from None
+        pairs: Iterable[tuple[str, Any]]
+        if isinstance(overrides, Mapping):
+            pairs = [(str(k), v) for k, v in overrides.items()]
+        else:
+            pairs = []
+            for text in overrides:
+                try:
+                    pairs.append(split_override(text))
+                except ConfigError as exc:
+                    problem(str(exc))
+        leaves = _leaves(Config)
+        for key, value in pairs:
+            if key in leaves:
+                items.append(_Item(key, value, overrides_source))
+            else:
+                problem(_unknown(overrides_source, key))
+    for _ in range(len(items) + 1):
+        tree: dict[str, Any] = {}
+        for item in items:
+            _set_dotted(tree, item.key, item.value)
+        try:
+            config = Config.model_validate(tree)
+            break
+        except ValidationError as exc:
+            errors = exc.errors()
+            if report is None:
+                i = _owner(items, errors[0]["loc"])
+                extra = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+                raise ConfigError(_bad_value(errors[0], items[i] if i is not None else None)
+                                  + extra) from None
+            bad: set[int] = set()
+            for err in errors:
+                i = _owner(items, err["loc"])
+                if i is None or i in bad:
+                    continue
+                bad.add(i)
+                problems.append(_bad_value(err, items[i]))
+            if not bad:  # nothing to blame: keep the defaults rather than fail the job
+                problems.append(f"config: {errors[0]['msg']}; using the defaults")
+                config = Config()
+                break
+            items = [it for j, it in enumerate(items) if j not in bad]
+    else:  # pragma: no cover - each round removes at least one item
+        config = Config()
+    if report is not None:
+        for line in problems:
+            try:
+                report(line)
+            except Exception:
+                log.debug("config report failed", exc_info=True)
+    return config
 
 
 def split_override(text: str) -> tuple[str, Any]:

@@ -69,3 +69,44 @@ def _outside_any_launcher(monkeypatch):
 
     for name in LAUNCHER_VARS:
         monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_from_this_machine(tmp_path, monkeypatch):
+    """Every test runs as if alone on the machine: no agent that happens to listen on the
+    default socket is reachable, nothing is written into the user's directories or the
+    repository, and no PROVSCOPE_* variable of the caller's shell applies.
+
+    - ``XDG_RUNTIME_DIR`` is a fresh short directory (AF_UNIX paths are <= 107 bytes) and
+      ``PROVSCOPE_AGENT_SOCKET_PATH`` points into it: the default socket is private.
+    - ``HOME`` and the ``XDG_*`` state, cache, config and data directories (the spools)
+      live under the test's ``tmp_path``; the working directory is ``tmp_path`` too, so a
+      relative ``provscope.db`` lands there.
+    - What provscope reports once per process (bad settings, unknown variables) is
+      reported once per test.
+    """
+    import os
+    import shutil
+    import tempfile
+
+    from provscope import config as config_module
+    from provscope.job import run as run_module
+
+    for name in list(os.environ):
+        if name.startswith("PROVSCOPE_"):
+            monkeypatch.delenv(name)
+    runtime = tempfile.mkdtemp(prefix="ps-rt-", dir="/tmp")
+    monkeypatch.setenv("XDG_RUNTIME_DIR", runtime)
+    monkeypatch.setenv("PROVSCOPE_AGENT_SOCKET_PATH",
+                       os.path.join(runtime, "provscope", "agent.sock"))
+    home = tmp_path / "home"
+    home.mkdir(exist_ok=True)
+    monkeypatch.setenv("HOME", str(home))
+    for var, sub in (("XDG_STATE_HOME", ".local/state"), ("XDG_CACHE_HOME", ".cache"),
+                     ("XDG_CONFIG_HOME", ".config"), ("XDG_DATA_HOME", ".local/share")):
+        monkeypatch.setenv(var, str(home / sub))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(config_module, "_reported_env", set())
+    monkeypatch.setattr(run_module, "_reported_settings", set())
+    yield
+    shutil.rmtree(runtime, ignore_errors=True)

@@ -17,6 +17,7 @@ import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine, make_url
 
+from provscope.destinations import safe_url  # the one helper; re-exported here
 from provscope.errors import ConfigError
 from provscope.forking import reset_in_child
 from provscope.jsonsafe import dumps as json_dumps  # the JSON columns' serialiser
@@ -134,14 +135,6 @@ def _dispose_in_child(engine: Engine) -> None:
     # Pooled connections belong to the parent; the child opens its own.
     engine.dispose(close=False)
 
-
-
-def safe_url(url: str) -> str:
-    """The URL without its password, for logs and messages."""
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        return "<lineage url>"
 
 
 def spool_key(url: str) -> str:

@@ -70,7 +70,11 @@ def _config(args: argparse.Namespace):
 
 
 def run_agent(args: argparse.Namespace) -> int:
-    config = _config(args)
+    from provscope.destinations import absolute_paths
+
+    # Relative paths mean the directory the agent was started in, also after --detach
+    # (which changes directory to "/").
+    config = absolute_paths(_config(args))
     if args.detach:
         return _detach(config)
     return _foreground(config)
@@ -101,9 +105,10 @@ def _foreground(config, ready_fd: int | None = None) -> int:
         os.write(ready_fd, f"ok {os.getpid()}\n".encode())
         os.close(ready_fd)
     else:
-        print(f"provscope agent: pid {os.getpid()}, socket {agent.socket_path}"
-              + (f", metrics {agent.prometheus.url}" if agent.prometheus else ""),
-              file=sys.stderr, flush=True)
+        from provscope.destinations import describe
+
+        print(f"provscope agent: pid {os.getpid()}, socket {agent.socket_path}; records go to: "
+              f"{describe(agent.where())}", file=sys.stderr, flush=True)
     while not stop.wait(0.5):
         pass
     agent.stop()
@@ -146,7 +151,10 @@ def _detach(config) -> int:
     with os.fdopen(r) as pipe:
         answer = pipe.readline().strip()
     if answer.startswith("ok "):
+        from provscope.destinations import describe, destinations
+
         print(f"provscope agent started: pid {answer[3:]}, socket {sock}, log {log_path}")
+        print(f"records go to: {describe(destinations(config))}")
         return 0
     print(f"provscope: agent did not start: {answer[4:] or 'see ' + str(log_path)}",
           file=sys.stderr)
@@ -214,6 +222,11 @@ def run_status(args: argparse.Namespace) -> int:
     # The status request is itself a connection; do not count it as a job.
     print(f"jobs       {max(0, ing.get('ingest_connections', 1) - 1)} connected, "
           f"{ing.get('ingest_frames_rejected_total', 0):.0f} frames rejected")
+    where = status.get("destinations") or {}
+    if where:
+        print(f"series     {where.get('time_series', '?')}")
+        print(f"lineage    {where.get('lineage', '?')}")
+        print(f"spool      {where.get('spool', '?')}")
     if status.get("prometheus"):
         print(f"metrics    {status['prometheus']}")
     print("collectors:")

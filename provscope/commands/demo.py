@@ -13,6 +13,7 @@ import re
 import time
 from pathlib import Path
 
+from provscope.destinations import safe_url
 from provscope.errors import ConfigError, ProvscopeError
 
 __all__ = ["register"]
@@ -61,10 +62,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=run_demo)
 
 
-def _safe_url(url: str) -> str:
-    return re.sub(r"//([^:/@]+):[^@/]*@", r"//\1:***@", url)
-
-
 def run_demo(args: argparse.Namespace) -> int:
     from provscope.commands import load_from_args
 
@@ -94,11 +91,11 @@ def run_demo(args: argparse.Namespace) -> int:
     else:
         print("Data went to:")
         if config.influxdb.url:
-            print(f"  time series  InfluxDB {_safe_url(config.influxdb.url)} "
+            print(f"  time series  InfluxDB {safe_url(config.influxdb.url)} "
                   f"(database {config.influxdb.bucket or config.influxdb.database})")
         else:
             print(f"  time series  {Path(config.embedded.path).expanduser().resolve()}")
-        print(f"  lineage      {_safe_url(config.lineage_url)}")
+        print(f"  lineage      {safe_url(config.lineage_url)}")
     print(f"  checkpoint   {result.checkpoint}")
     print()
     eval_text = f" (eval {result.eval_loss:.4f})" if result.eval_loss is not None else ""

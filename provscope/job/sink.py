@@ -1,10 +1,16 @@
 """Where the in-job API's records go: the node agent, else a pipeline inside the job.
 
-A ``Sink`` is created lazily on the first record. It prefers the node agent's local
-socket (``provscope.agent.ingest.AgentClient.try_connect``); with no agent it follows
-``client.no_agent``: ``"embedded"`` runs ``Pipeline.from_config(config)`` in the job
-(background threads write to the embedded SQLite file or the configured servers),
-``"drop"`` counts and drops. ``submit`` never blocks and never raises.
+A ``Sink`` is created lazily on the first record. With a node agent listening on its
+local socket (``provscope.job.agent_client.AgentClient.try_connect``), ``client.destination``
+decides: ``agent`` sends the records there; ``own`` runs the job's own pipeline and keeps
+the agent connection only to say hello (the agent still samples the job's processes);
+``auto`` (default) is ``own`` when the job's config names a store of its own
+(``provscope.destinations.names_destination``) that differs from the agent's, else
+``agent``. With no agent it follows ``client.no_agent``: ``"embedded"`` runs
+``Pipeline.from_config(config)`` in the job (background threads write to the embedded
+SQLite file or the configured servers), ``"drop"`` counts and drops. Relative paths are
+anchored to the directory the job was in when its first record was made. ``submit``
+never blocks and never raises; ``Sink.where`` (logged once at INFO) says where records go.
 
 Fork safety: ``os.register_at_fork`` forgets every sink in a forked child (a DataLoader
 worker) without touching the parent's threads or locks; the child's first record
@@ -21,6 +27,8 @@ import os
 import threading
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
+
+from provscope.job import telemetry
 
 if TYPE_CHECKING:
     from provscope.config import Config
@@ -56,24 +64,108 @@ class _Drop:
         return {"drop": {"points_dropped_total": float(self.dropped)}}
 
 
+class _Watched:
+    """The job's own pipeline while a node agent listens: records go to the pipeline; the
+    agent connection only says who this process is (hello, run identity), so the agent
+    still samples the job's process tree and GPUs (node telemetry)."""
+
+    def __init__(self, pipeline: Any, agent: Any) -> None:
+        self.pipeline = pipeline
+        self.agent = agent
+
+    @property
+    def processors(self) -> Any:
+        return getattr(self.pipeline, "processors", ())
+
+    def submit(self, record: Any) -> Any:
+        return self.pipeline.submit(record)
+
+    def submit_many(self, records: Sequence[Any]) -> Any:
+        return self.pipeline.submit_many(records)
+
+    def set_identity(self, run_id: str | None = None, rank: int | None = None) -> None:
+        self.agent.set_identity(run_id, rank)
+
+    def flush(self, timeout_s: float) -> bool:
+        return bool(self.pipeline.flush(timeout_s))
+
+    def shutdown(self, timeout_s: float) -> None:
+        try:
+            self.pipeline.shutdown(timeout_s)
+        finally:
+            self.agent.shutdown(0.5)
+
+    def stats(self) -> dict[str, Any]:
+        out = dict(self.pipeline.stats())
+        out["agent_link"] = {"connected": float(bool(self.agent.connected))}
+        return out
+
+
+def _agent_destinations(path: Any) -> dict[str, str] | None:
+    """Where the agent on ``path`` writes (its STATUS reply), None when it does not say.
+    Blocks at most one second (a local socket answers in milliseconds)."""
+    from provscope import wire
+
+    try:
+        reply = wire.request(path, wire.STATUS, None, timeout_s=1.0)
+    except Exception:
+        return None
+    where = reply.get("destinations") if isinstance(reply, dict) else None
+    return where if isinstance(where, dict) else None
+
+
+def _keep_own(config: Config, ask_agent: Callable[[], dict[str, str] | None]) -> bool:
+    """``client.destination: auto``: the job's own stores when its config names one and
+    the agent writes elsewhere (or does not say where). A job launched with the agent's
+    own settings (``provscope run`` passes its environment on) still uses the agent."""
+    from provscope.destinations import destinations, names_destination
+
+    if not names_destination(config):
+        return False
+    agent_where = ask_agent()
+    if agent_where is None:
+        return True
+    mine = destinations(config)
+    return any(mine[k] != agent_where.get(k) for k in ("time_series", "lineage"))
+
+
 def _default_factory(config: Config) -> tuple[str, Any]:
     try:
         from provscope.job.agent_client import AgentClient
     except ImportError:
         AgentClient = None
+    client = None
     if AgentClient is not None:
         try:
             client = AgentClient.try_connect(config)
         except Exception:
             log.warning("cannot reach the provscope agent; continuing without it", exc_info=True)
             client = None
-        if client is not None:
+    choice = config.client.destination
+    if client is not None:
+        path = client.path
+        own = choice == "own" or (
+            choice == "auto" and _keep_own(config, lambda: _agent_destinations(path)))
+        if not own:
             return "agent", client
+        from provscope.destinations import absolute_paths
+        from provscope.exporters.pipeline import Pipeline
+
+        try:
+            pipeline = Pipeline.from_config(absolute_paths(config))
+        except BaseException:
+            client.shutdown(0.0)
+            raise
+        return "embedded", _Watched(pipeline, client)
     if config.client.no_agent == "drop":
         return "drop", _Drop("no agent and client.no_agent=drop")
+    from provscope.destinations import absolute_paths
     from provscope.exporters.pipeline import Pipeline
 
-    return "embedded", Pipeline.from_config(config)
+    config = absolute_paths(config)  # the files stay where they were named, whatever chdir
+    pipeline = Pipeline.from_config(config)
+    telemetry.start(config, pipeline)  # the job samples itself: no agent does it
+    return "embedded", pipeline
 
 
 _factory: Callable[[Config], tuple[str, Any]] = _default_factory
@@ -86,6 +178,26 @@ def set_factory(factory: Callable[[Config], tuple[str, Any]] | None) -> None:
     """
     global _factory
     _factory = factory or _default_factory
+
+
+def _where(mode: str, backend: Any, config: Config) -> str:
+    from provscope.destinations import describe, destinations
+
+    if mode == "agent":
+        path = getattr(backend, "path", "?")
+        agent_where = _agent_destinations(path) if log.isEnabledFor(logging.INFO) else None
+        return f"the node agent on {path}" + (
+            f", which writes {describe(agent_where)}" if agent_where else "")
+    if mode == "embedded":
+        text = describe(destinations(config))
+        agent = getattr(backend, "agent", None)
+        if agent is not None:
+            text += (f" (this job's own stores; the node agent on {agent.path} samples its "
+                     "processes)")
+        return text
+    if mode == "drop":
+        return "nowhere: no agent listens and client.no_agent=drop (records counted, dropped)"
+    return f"nowhere: {getattr(backend, 'reason', mode)} (records counted, dropped)"
 
 
 class Sink:
@@ -105,6 +217,9 @@ class Sink:
         self.pid = os.getpid()
         self._lock = threading.Lock()
         self._closed = False
+        #: Where the records go, in words (set when the backend starts): store URLs
+        #: without credentials and absolute paths, or the agent's socket.
+        self.where = ""
 
     def reset_after_fork(self) -> None:
         """Forget the parent's backend and counters (called in a forked child)."""
@@ -132,7 +247,17 @@ class Sink:
                                     "records of this process are counted and dropped", exc)
                         self.mode, self.backend = "failed", _Drop(str(exc))
                     _after_start(self)
+                    self._say_where()
             return self.backend
+
+    def _say_where(self) -> None:
+        """Set ``where`` and log it once at INFO: the first line a verbose job prints."""
+        try:
+            self.where = _where(self.mode, self.backend, self.config)
+            log.info("provscope: records of this process (pid %d) go to %s", self.pid,
+                     self.where)
+        except Exception:
+            log.debug("cannot describe where records go", exc_info=True)
 
     def submit(self, record: Any) -> None:
         """Hand one record to the backend. Never blocks, never raises."""
@@ -171,6 +296,8 @@ class Sink:
         if backend is None:
             return
         try:
+            # The sampler's final points go in before the pipeline drains.
+            telemetry.stop(backend, min(telemetry.STOP_TIMEOUT_S, timeout_s / 2))
             backend.shutdown(timeout_s)
         except Exception:
             self.errors += 1
@@ -184,6 +311,9 @@ class Sink:
         if backend is not None:
             try:
                 out["backend"] = backend.stats()
+                sampler = telemetry.stats(backend)
+                if sampler is not None:
+                    out["telemetry"] = sampler
             except Exception:
                 self.errors += 1
         return out
