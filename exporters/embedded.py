@@ -112,7 +112,6 @@ class EmbeddedPointsExporter:
         self._closed = False
         self._last_log = -math.inf
         self.written = 0
-        self.failures = 0
         self.last_error: str | None = None
 
     @classmethod
@@ -174,7 +173,6 @@ class EmbeddedPointsExporter:
             self.last_error = None
             return ExportResult.SUCCESS
         except Exception as exc:
-            self.failures += 1
             self.last_error = f"{type(exc).__name__}: {exc}"
             now = time.monotonic()
             if now - self._last_log >= 60:

@@ -75,7 +75,6 @@ class SqlLineageExporter:
             self.spool.adopt()
         self.written = 0
         self.rejected = 0
-        self.failures = 0
         self.last_error: str | None = None
         self._last_log: dict[str, float] = {}
         self._next_replay = 0.0
@@ -125,7 +124,6 @@ class SqlLineageExporter:
 
     def _unavailable(self, exc: BaseException) -> bool:
         """Log and classify a failure: True when the database may come back."""
-        self.failures += 1
         self.last_error = _one_line(exc) if not isinstance(exc, LineageSchemaError) \
             else str(exc)
         if isinstance(exc, LineageSchemaError):

@@ -54,11 +54,6 @@ class MetricSpec:
     dtype: DType = "float"
 
     @property
-    def prometheus_name(self) -> str:
-        """``<measurement>_<field>`` (the ``provscope_`` namespace is added by the exporter)."""
-        return f"{self.measurement}_{self.field}"
-
-    @property
     def grafana_unit(self) -> str:
         """The Grafana unit id for this spec's unit (``bytes``, ``s``, ``percent``, ...)."""
         return GRAFANA_UNITS.get(self.unit, "short")

@@ -92,7 +92,6 @@ class AgentClient(QueueWorker):
         self._reconnect = Backoff(min(_FIRST_RECONNECT_S, self._reconnect_s), self._reconnect_s)
         self.sent = 0
         self.reconnects = 0
-        self.send_errors = 0
 
     @classmethod
     def try_connect(cls, config: Config, *, run_id: str | None = None,
@@ -223,7 +222,6 @@ class AgentClient(QueueWorker):
             except Exception:
                 # The agent went away mid-frame: it discards the partial frame, so the
                 # whole frame is sent again after the reconnect.
-                self.send_errors += 1
                 self._drop_connection()
                 next_try = time.monotonic() + self._reconnect.next()
 

@@ -26,7 +26,9 @@ def test_wheel_installs_into_a_clean_venv_and_runs(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     top = {n.split("/")[0] for n in names}
     assert not {"agent", "exporters", "dashboards", "tests", "benchmarks"} & top
-    assert "provscope/agent/pipeline.py" in names
+    assert "provscope/agent/daemon.py" in names
+    assert "provscope/exporters/pipeline.py" in names
+    assert "provscope/exporters/influxdb/transport.py" in names
     assert "provscope/exporters/base.py" in names
     assert "provscope/dashboards/__init__.py" in names
 
