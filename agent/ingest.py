@@ -210,8 +210,10 @@ class IngestServer:
             if (run_id is not None and type(run_id) is not str) or \
                     (rank is not None and type(rank) is not int):
                 raise fr.BadFrame("hello run_id must be a string and rank an integer")
-            if self._on_hello is not None and hello.get("watch", True) is not False:
-                self._on_hello(agent_pid(peer, hello["pid"], "hello"), run_id, rank)
+            pid = agent_pid(peer, hello["pid"], "hello")
+            if self._on_hello is not None and pid is not None and \
+                    hello.get("watch", True) is not False:
+                self._on_hello(pid, run_id, rank)
         elif ftype == fr.WATCH:
             watch = fr.decode_json(body)
             if type(watch) is not dict or type(watch.get("pid")) is not int \

@@ -21,6 +21,7 @@ driver that can hang: the scheduler runs this collector on a lane of its own.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
@@ -176,10 +177,10 @@ class AmdSmiCollector:
                 f["memory_utilization_percent"] = _num(act["umc_activity"])
         vram = self._get(idx, "vram", now_ns, lambda: smi.amdsmi_get_gpu_vram_usage(h), tally)
         if vram:
-            if _num(vram.get("vram_used")) is not None:
-                f["memory_used_bytes"] = _num(vram["vram_used"]) * _MB
-            if _num(vram.get("vram_total")) is not None:
-                f["memory_total_bytes"] = _num(vram["vram_total"]) * _MB
+            if (used := _num(vram.get("vram_used"))) is not None:
+                f["memory_used_bytes"] = used * _MB
+            if (total := _num(vram.get("vram_total"))) is not None:
+                f["memory_total_bytes"] = total * _MB
         power = self._get(idx, "power", now_ns, lambda: smi.amdsmi_get_power_info(h), tally)
         if power:
             watts = _num(power.get("current_socket_power"))
@@ -200,10 +201,10 @@ class AmdSmiCollector:
         if memory is not None:
             f["memory_temperature_celsius"] = memory
         for ours, clk in (("sm_clock_hertz", "GFX"), ("memory_clock_hertz", "MEM")):
-            info = self._get(idx, ours, now_ns, lambda clk=clk: smi.amdsmi_get_clock_info(
-                h, getattr(smi.AmdSmiClkType, clk)), tally)
-            if info and _num(info.get("clk", info.get("cur_clk"))) is not None:
-                f[ours] = _num(info.get("clk", info.get("cur_clk"))) * 1e6
+            info = self._get(idx, ours, now_ns, functools.partial(
+                smi.amdsmi_get_clock_info, h, getattr(smi.AmdSmiClkType, clk)), tally)
+            if info and (mhz := _num(info.get("clk", info.get("cur_clk")))) is not None:
+                f[ours] = mhz * 1e6
         ecc = self._get(idx, "ecc", now_ns, lambda: smi.amdsmi_get_gpu_total_ecc_count(h),
                         tally)
         if ecc:
@@ -228,8 +229,8 @@ class AmdSmiCollector:
             if kind is None or self._gate.is_permanent((idx, f"temperature {sensor}")):
                 continue
             value = _num(self._get(idx, f"temperature {sensor}", now_ns,
-                                   lambda kind=kind: smi.amdsmi_get_temp_metric(h, kind, metric),
-                                   tally))
+                                   functools.partial(smi.amdsmi_get_temp_metric, h, kind,
+                                                     metric), tally))
             if value is not None and value > 0:
                 return value
             if value == 0 or self._gate.is_permanent((idx, f"temperature {sensor}")):

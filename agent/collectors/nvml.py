@@ -274,6 +274,7 @@ class NvmlCollector:
         tried again with backoff).
         """
         nv = self._nv
+        index: int | None
         try:
             if dev.uuid is not None:
                 handle = nv.nvmlDeviceGetHandleByUUID(dev.uuid)
