@@ -104,7 +104,7 @@ def test_influxdb_and_postgresql_receive_points_and_lineage(influx_server, influ
     _check_lineage(run, settings)
 
 
-def test_a_listening_agent_is_preferred_over_the_embedded_store(tmp_path):
+def test_a_listening_agent_takes_the_records_of_a_job_with_default_stores(tmp_path):
     import tempfile
     import time
 
@@ -119,10 +119,9 @@ def test_a_listening_agent_is_preferred_over_the_embedded_store(tmp_path):
                           on_records=lineage.extend)
     server.start()
     try:
-        settings = load_config(environ={}, overrides={
-            "embedded.path": str(tmp_path / "unused.db"),
-            "agent.socket_path": str(server.path),
-        })
+        # A job that names no store of its own: the agent takes its records (a job
+        # that names one is tested in tests/job/test_destination.py).
+        settings = load_config(environ={}, overrides={"agent.socket_path": str(server.path)})
         with provscope.workflow("via-agent", settings=settings) as run, run.task("work"):
             run.log(step=1, loss=0.5)
         assert run.flush(10)
@@ -134,7 +133,7 @@ def test_a_listening_agent_is_preferred_over_the_embedded_store(tmp_path):
     assert run.sink_mode == "agent"
     assert [p.fields["loss"] for p in points if isinstance(p, Point)] == [0.5]
     assert {r.name for r in lineage if isinstance(r, TaskRecord)} == {"work"}
-    assert not (tmp_path / "unused.db").exists()
+    assert os.getcwd() == str(tmp_path) and not (tmp_path / "provscope.db").exists()
 
 
 def test_implicit_run_of_a_plain_script_is_closed_and_flushed_at_exit(tmp_path):
