@@ -232,8 +232,13 @@ def run_status(args: argparse.Namespace) -> int:
     print("collectors:")
     for name, c in status.get("collectors", {}).items():
         reason = f"  ({c['reason']})" if c.get("reason") else ""
+        lane = ""
+        if c.get("overruns"):  # a collector on its own lane (a GPU driver) ran late
+            lane = f", {c['overruns']} overruns"
+        if c.get("busy_s", 0.0) > c["interval_s"]:
+            lane += f", in a collect for {c['busy_s']:.0f}s"
         print(f"  {name:11s} {c['state']:12s} every {c['interval_s']:g}s, "
-              f"{c['samples']} samples, {c['errors']} errors{reason}")
+              f"{c['samples']} samples, {c['errors']} errors{lane}{reason}")
     return 0
 
 

@@ -196,3 +196,30 @@ def test_a_hung_nvml_call_does_not_stop_cpu_sampling(fake_nvml):
         nv.hang.set()
         s.stop()
     assert any(p.measurement == "gpu" and p.fields["up"] == 1 for p in got)
+
+
+def test_provscope_status_shows_a_lane_that_overran_or_hangs(sock_path, capsys, monkeypatch):
+    import argparse
+
+    from provscope.agent.ingest import IngestServer
+
+    from provscope.commands.agent import run_status
+
+    monkeypatch.delenv("PROVSCOPE_CONFIG", raising=False)
+    row = {"state": "active", "interval_s": 1.0, "samples": 10, "errors": 0, "skipped": 40,
+           "points": 20, "last_duration_s": 0.01, "reason": ""}
+    status = {"pid": 1, "host": "h", "socket": str(sock_path), "uptime_s": 60.0,
+              "points_per_s": 1.0, "points_total": 60.0, "dropped": 0.0, "ingest": {},
+              "collectors": {"cpu": row, "nvml": {**row, "lane": True, "overruns": 2,
+                                                  "late_points": 3, "busy_s": 42.0}}}
+    srv = IngestServer(sock_path, on_points=list, on_records=list, status=lambda: status)
+    srv.start()
+    try:
+        args = argparse.Namespace(config=None, overrides=[], socket=str(sock_path), json=False)
+        assert run_status(args) == 0
+    finally:
+        srv.stop()
+    out = capsys.readouterr().out
+    assert "nvml        active       every 1s, 10 samples, 0 errors, 2 overruns, in a " \
+           "collect for 42s" in out
+    assert "cpu         active       every 1s, 10 samples, 0 errors\n" in out
