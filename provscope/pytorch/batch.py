@@ -50,6 +50,8 @@ def declared_batch_first(module: nn.Module) -> bool | None:
     """The module's own ``batch_first`` when it declares a layout, else None."""
     if isinstance(module, _LAYOUT_MODULES):
         value = getattr(module, "batch_first", None)
+        if value is None:  # Transformer*Layer: the layout of its attention
+            value = getattr(getattr(module, "self_attn", None), "batch_first", None)
         return bool(value) if value is not None else None
     return None
 

@@ -71,7 +71,7 @@ class StepClock:
         self._pid = os.getpid()
         self._explicit = False
         self._open = False  # a step has begun and not ended
-        self._next_sample = start_step
+        self._next_sample = -(-start_step // every) * every  # first multiple of every
         self._boundary_t: float | None = None
         self._grad: torch.Tensor | None = None
         self._pending: list[tuple[int, torch.Tensor]] = []

@@ -263,6 +263,10 @@ def test_a_forked_child_trains_without_running_the_parents_hooks():
     if pid == 0:  # child: train; any exception or recorded step is a non-zero exit
         code = 1
         try:
+            # What DataLoader workers do: GNU OpenMP's thread pool does not survive a fork,
+            # and a child that runs a parallel kernel with the parent's pool size waits
+            # forever on threads it does not have (docs/torch.md, "Forked processes").
+            torch.set_num_threads(1)
             before = (w.stats()["sampled_steps"], len(records))
             _train(model, opt, 2)
             code = 0 if (w.stats()["sampled_steps"], len(records)) == before else 2
@@ -297,3 +301,23 @@ def test_update_ratio_rotates_over_layers_when_the_weight_copy_budget_is_small()
             with_ratio.setdefault(p.fields["step"], []).append(p.tags["layer"])
         assert "weight_norm" in p.fields or p.tags["layer"] == "act"
     assert with_ratio == {0: ["fc1"], 1: ["fc2"], 2: ["fc1"]}
+
+
+def test_watching_a_model_twice_records_one_model_and_one_set_of_hooks():
+    model = MLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    bare = _hook_count(model)
+    records = []
+    first = watch(model, every=1, optimizer=opt, emit=records.append)
+    _train(model, opt, 1)
+    second = watch(model, every=2, optimizer=opt, emit=records.append)
+    assert not first.active and watched(model) is second
+    assert _hook_count(model) == bare + 1
+    assert len(opt._optimizer_step_pre_hooks) == len(opt._optimizer_step_post_hooks) == 1
+    _train(model, opt, 3)
+    second.unwatch()
+    models = [r for r in records if isinstance(r, EntityRecord) and r.entity_kind == "model"]
+    assert len(models) == 1 and second.model_entity_id == first.model_entity_id
+    # The second watcher continues the first one's step count: one point per step.
+    assert [p.fields["step"] for p in _points(records, "train")] == [0, 1, 2, 3]
+    assert sorted({p.fields["step"] for p in _points(records)}) == [0, 2]
