@@ -390,18 +390,35 @@ class NvmlCollector:
             devices = [d for i, d in enumerate(devices) if i in keep]
         for dev in devices:
             if dev.lost and not self._revive(dev, now_ns):
-                out.append(Point("gpu", dict(dev.tags), {"up": 0}, now_ns))
+                out.append(Point("gpu", dict(dev.tags), self._down(dev), now_ns))
                 continue
             try:
                 fields, extra = self._sample(dev, now_ns, pid_map)
             except _DeviceLost as exc:
                 self._mark_lost(dev, exc, now_ns)
-                out.append(Point("gpu", dict(dev.tags), {"up": 0}, now_ns))
+                out.append(Point("gpu", dict(dev.tags), self._down(dev), now_ns))
+                continue
+            if not fields:  # every getter failed or waits out its backoff: not answering
+                out.append(Point("gpu", dev.tags, self._down(dev), now_ns))
                 continue
             fields["up"] = 1
+            fields.update(self._xid_fields(dev))
             out.append(Point("gpu", dev.tags, fields, now_ns))
             out.extend(extra)
         return out
+
+    def _xid_fields(self, dev: _Device) -> dict[str, float | int]:
+        if self._xid is None or dev.uuid is None:
+            return {}
+        xid = self._xid.read(dev.uuid)
+        if xid is None:
+            return {}
+        return {"xid_errors_total": float(xid[0]), "last_xid": int(xid[1])}
+
+    def _down(self, dev: _Device) -> dict[str, float | int]:
+        """The fields of a GPU that does not answer: ``up`` = 0, and its Xid count (a GPU
+        that fell off the bus says so with Xid 79 just before)."""
+        return {"up": 0, **self._xid_fields(dev)}
 
     def _revive(self, dev: _Device, now_ns: int) -> bool:
         if not self._gate.allowed((dev.key, "device"), now_ns):
@@ -481,11 +498,6 @@ class NvmlCollector:
             if n is not None:
                 f[ecc_field] = float(n)
         f.update(self._field_values(dev, now_ns))
-        if self._xid is not None and dev.uuid is not None:
-            xid = self._xid.read(dev.uuid)
-            if xid is not None:
-                f["xid_errors_total"] = float(xid[0])
-                f["last_xid"] = int(xid[1])
         f.update(self._gpm(dev, now_ns))
         extra = self._migs(dev, now_ns)
         if pid_map:

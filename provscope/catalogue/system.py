@@ -86,7 +86,7 @@ PROCESS = [
 
 _G = ("host", "gpu", "gpu_uuid")
 GPU = [
-    _g("gpu", "up", "1", "1 when the GPU answered this sample, 0 when it is lost or unreachable (NVML_ERROR_GPU_IS_LOST, a failed handle lookup); the other fields are left out then.", _G, "int"),
+    _g("gpu", "up", "1", "1 when the GPU answered this sample, 0 when it is lost or unreachable (NVML_ERROR_GPU_IS_LOST, a failed handle lookup, every getter failing); only the Xid fields are kept then.", _G, "int"),
     _g("gpu", "utilization_percent", "percent", "Time a kernel was running on the GPU over the driver's sample window.", _G),
     _g("gpu", "memory_utilization_percent", "percent", "Time device memory was being read or written over the driver's sample window.", _G),
     _g("gpu", "memory_used_bytes", "bytes", "Device memory in use.", _G),

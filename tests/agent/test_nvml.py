@@ -27,6 +27,12 @@ def _gpus(points):
     return {p.tags.get("gpu"): p for p in points if p.measurement == "gpu"}
 
 
+def _down(point) -> bool:
+    """A GPU reported as not answering: up = 0 and nothing but its Xid count."""
+    return point.fields["up"] == 0 and set(point.fields) <= {"up", "xid_errors_total",
+                                                             "last_xid"}
+
+
 _OPENED: list[NvmlCollector] = []
 
 
@@ -128,12 +134,12 @@ def test_a_gpu_lost_at_open_is_kept_with_up_0_and_found_again_later(fake_nvml):
     c = _opened(nv)
     first = _gpus(c.collect(NOW))
     assert first["0"].fields["up"] == 1
-    assert first["1"].fields == {"up": 0}
+    assert _down(first["1"])
     assert first["1"].tags == {"host": "h", "gpu": "1"}  # no UUID known yet
     # Looked up at open and at the first sample (both fail), then after 1 s (fails), then
     # after 2 s more.
-    assert _gpus(c.collect(NOW + 1 * S))["1"].fields == {"up": 0}
-    assert _gpus(c.collect(NOW + 2 * S))["1"].fields == {"up": 0}
+    assert _down(_gpus(c.collect(NOW + 1 * S))["1"])
+    assert _down(_gpus(c.collect(NOW + 2 * S))["1"])
     assert nv.calls["nvmlDeviceGetUUID"] == 1 + 3  # gpu 0 at open; gpu 1 at 0, 0 and 1 s
     back = _gpus(c.collect(NOW + 3 * S))["1"]
     assert back.fields["up"] == 1 and back.fields["power_watts"] == 300.0
@@ -147,7 +153,7 @@ def test_a_gpu_lost_while_sampling_reports_up_0_then_comes_back(fake_nvml, caplo
     nv.lost.add(1)
     with caplog.at_level(logging.INFO, logger="provscope.collectors.nvml"):
         lost = _gpus(c.collect(NOW + 1 * S))
-        assert lost["1"].fields == {"up": 0}
+        assert _down(lost["1"])
         assert lost["1"].tags["gpu_uuid"] == "GPU-0000-1"
         assert lost["0"].fields["up"] == 1 and "power_watts" in lost["0"].fields
         calls = dict(nv.calls)
@@ -166,7 +172,7 @@ def test_gpu_is_lost_in_the_field_value_batch_marks_the_device_lost(fake_nvml):
     nv = fake_nvml()
     c = _opened(nv)
     nv.field_errors[(0, 197)] = [GPU_IS_LOST]
-    assert _gpus(c.collect(NOW))["0"].fields == {"up": 0}
+    assert _down(_gpus(c.collect(NOW))["0"])
 
 
 def test_a_transient_field_error_is_retried_with_backoff_not_dropped(fake_nvml):
@@ -384,3 +390,24 @@ def test_task_energy_reads_the_gpu_the_job_runs_on_not_the_cuda_index(fake_nvml,
     assert _Gpu(fake_nvml()).energy_mj() == 6_000_000.0
     monkeypatch.setitem(sys.modules, "torch", _torch([None], initialised=False))
     assert _Gpu(fake_nvml()).energy_mj() is None  # CUDA not in use: nothing read
+
+
+def test_a_gpu_whose_every_getter_fails_is_down_and_keeps_its_xid_count(fake_nvml):
+    nv = fake_nvml()
+    c = _opened(nv)
+    c.collect(NOW)
+    names = [n for n in dir(nv) if n.startswith("nvmlDeviceGet") and n not in (
+        "nvmlDeviceGetHandleByIndex", "nvmlDeviceGetHandleByUUID", "nvmlDeviceGetCount",
+        "nvmlDeviceGetUUID", "nvmlDeviceGetIndex")]
+    for name in names:
+        nv.fail[(0, name)] = [NVMLError(999)] * 5  # NVML_ERROR_UNKNOWN from everything
+    nv.fail[(0, "nvmlGpmSampleGet")] = [NVMLError(999)] * 5
+    nv.inject_xid(0, 79)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        gpu0 = _gpus(c.collect(NOW + S))["0"]
+        if gpu0.fields.get("last_xid") == 79:
+            break
+        time.sleep(0.01)
+    assert _down(gpu0) and gpu0.fields["xid_errors_total"] == 1.0
+    assert _gpus(c.collect(NOW + S))["1"].fields["up"] == 1
