@@ -12,7 +12,8 @@ CONFIG = "PROVSCOPE_CONFIG"
 RUN_ID = "PROVSCOPE_RUN_ID"
 #: Task id of the ``provscope run`` command task, the parent of the job's tasks.
 PARENT_TASK_ID = "PROVSCOPE_PARENT_TASK_ID"
-#: Rank override; otherwise RANK / LOCAL_RANK / torch.distributed decide.
+#: Rank override; otherwise RANK, the launchers' rank variables, torch.distributed
+#: (``provscope.job.identity``).
 RANK = "PROVSCOPE_RANK"
 #: "0" disables all in-job instrumentation (the API becomes a no-op).
 ENABLED = "PROVSCOPE_ENABLED"

@@ -156,7 +156,8 @@ _STATUS_UNKNOWN = _STATUS_LEVEL["finished"]
 
 def _merge_run(old: dict[str, Any], new: dict[str, Any]) -> None:
     """The in-memory twin of the runs merge (``_run_sets``)."""
-    stronger = _ORIGIN_LEVEL.get(new.get("origin"), 0) >= _ORIGIN_LEVEL.get(old.get("origin"), 0)
+    stronger = _ORIGIN_LEVEL.get(new.get("origin") or "", 0) >= \
+        _ORIGIN_LEVEL.get(old.get("origin") or "", 0)
     for key, value in new.items():
         if value is None:
             continue

@@ -233,8 +233,9 @@ def resolve(explicit: str | None = None, environ: Mapping[str, str] | None = Non
     size = world_size(environ)
     if state is None and size is not None and size > 1:
         # A multi-process job without a launcher id whose process group is not up yet:
-        # rank 0's own id is final (published once the group is up); the others wait.
-        return Identity(new_id(), "dist", pending=detect_rank(environ) != 0)
+        # rank 0's own id is final (it publishes it once the group is up); the others
+        # take rank 0's then.
+        return Identity(new_id(), "dist", pending=True)
     return Identity(new_id(), "new")
 
 

@@ -7,10 +7,10 @@ import os
 import uuid
 
 import pytest
-
-import provscope
 from provscope.exporters.memory import MemoryExporter
 from provscope.exporters.pipeline import Pipeline
+
+import provscope
 from provscope.ids import new_id
 from provscope.job import api as client
 from provscope.job import identity, sink
