@@ -284,3 +284,22 @@ def test_the_series_limit_holds_and_counts():
     e.export([Point("disk", {"host": "n1", "device": f"d{i}"}, {"read_bytes_total": 1.0}, 1)
               for i in range(150)])
     assert e.series == 100 and e.skipped_by_reason == {"series_limit": 50}
+
+
+def test_skipped_fields_reach_the_self_metrics_on_metrics():
+    from provscope.agent.collectors.health import HealthCollector
+    from provscope.exporters.pipeline import Pipeline
+
+    e = PrometheusExporter(serve=False)
+    pipeline = Pipeline([e], flush_interval_s=0.05)
+    try:
+        pipeline.submit_many([Point("cpu", {"host": "n1"}, {"mystery": 1.0}, 1)])
+        assert pipeline.flush(5)
+        pipeline.submit_many(HealthCollector("n1", pipeline).collect(2))
+        assert pipeline.flush(5)
+        got = [s for s in _samples(e.render().decode())
+               if s.name == "provscope_fields_skipped_total"]
+        assert [(s.labels, s.value) for s in got] == \
+            [({"component": "prometheus", "host": "n1"}, 1.0)]
+    finally:
+        pipeline.shutdown(2)
