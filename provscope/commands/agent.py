@@ -228,7 +228,10 @@ def run_status(args: argparse.Namespace) -> int:
         print(f"lineage    {where.get('lineage', '?')}")
         print(f"spool      {where.get('spool', '?')}")
     if status.get("prometheus"):
-        print(f"metrics    {status['prometheus']}")
+        # Fields /metrics leaves out on purpose (docs/agent.md, Prometheus): never silent.
+        skipped = (status.get("exporters") or {}).get("prometheus", {}) \
+            .get("fields_skipped_total", 0)
+        print(f"metrics    {status['prometheus']}  ({skipped:.0f} fields not exposed)")
     print("collectors:")
     for name, c in status.get("collectors", {}).items():
         reason = f"  ({c['reason']})" if c.get("reason") else ""

@@ -91,3 +91,28 @@ def test_ten_runs_of_a_64_layer_model_leave_the_series_count_of_one(sock_path, t
     layer_series = LAYERS * 3  # step, grad_norm, weight_norm per layer
     # cpu, info, 5 train fields (4 catalogued + the scalar family), 2 process fields
     assert during[0] == 1 + 1 + 5 + 2 + layer_series
+
+
+def test_provscope_status_counts_the_fields_metrics_leaves_out(sock_path, tmp_path, capsys,
+                                                               monkeypatch):
+    import argparse
+
+    from provscope.commands.agent import run_status
+
+    monkeypatch.delenv("PROVSCOPE_CONFIG", raising=False)
+    cfg = load_config(overrides={
+        "agent.socket_path": str(sock_path), "embedded.path": str(tmp_path / "e.db"),
+        "prometheus.enabled": True, "prometheus.port": 0,
+    }, environ={})
+    with Agent(cfg, collectors=[]) as agent:
+        agent.pipeline.submit_many([
+            Point("cpu", {"host": "n1"}, {"usage_percent": 1.0, "mystery": 2.0}, 1),
+            Point("train", {"run_id": "r", "host": "n1", "rank": "0"}, {"phase": "fit"}, 1),
+        ])
+        assert agent.pipeline.flush(5)
+        args = argparse.Namespace(config=None, overrides=[], socket=str(sock_path),
+                                  json=False)
+        assert run_status(args) == 0
+        url = agent.prometheus.url
+    out = capsys.readouterr().out
+    assert f"metrics    {url}  (2 fields not exposed)" in out
