@@ -192,3 +192,20 @@ def test_ctrl_c_ends_the_implicit_run_interrupted(short_dir):
     [(status, origin)] = sqlite3.connect(db).execute(
         "SELECT status, origin FROM runs").fetchall()
     assert (status, origin) == ("interrupted", "implicit")
+
+
+def test_provscope_run_joins_a_run_id_already_in_its_environment(short_dir):
+    db = short_dir / "e.db"
+    env = {**_clean_env(), "PROVSCOPE_RUN_ID": "outer-run"}
+    for host in ("node-a", "node-b"):  # e.g. a job script that names the run itself
+        out = subprocess.run(
+            _cli("run", "--host", host, "--", sys.executable, "-c", "pass",
+                 sock=short_dir / host / "agent.sock", db=db),
+            env=env, cwd=short_dir, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-3000:]
+    rows = sqlite3.connect(db)
+    assert rows.execute("SELECT run_id, origin FROM runs").fetchall() == [("outer-run",
+                                                                           "launcher")]
+    hosts = rows.execute("SELECT host FROM tasks WHERE run_id = 'outer-run' "
+                         "AND kind = 'command' ORDER BY host").fetchall()
+    assert hosts == [("node-a",), ("node-b",)]
