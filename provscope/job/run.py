@@ -275,9 +275,15 @@ class Run:
         self._pending = False
         self._children: dict[str, int] = {}
         if run_id or self.top_level:
-            found = identity.resolve(
-                run_id, share=identity.SHARE if self.enabled else None,
-                wait_s=self.config.client.identity_wait_s)
+            try:
+                found = identity.resolve(
+                    run_id, share=identity.SHARE if self.enabled else None,
+                    wait_s=self.config.client.identity_wait_s)
+            except Exception:  # monitoring never raises into the job: record on its own
+                log_.debug("run id rule failed; a new id is used", exc_info=True)
+                found = identity.Identity(new_id(), "new")
+            if outer is not None and not outer.implicit and self.parent_run_id is None:
+                self.parent_run_id = outer.run_id  # an explicit run_id inside a workflow
             self._run_id, self.id_source, self._pending = found.run_id, found.source, \
                 found.pending
             if self.parent_run_id is None:
