@@ -22,7 +22,10 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import hashlib
 import json
+import os
+import re
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -34,6 +37,7 @@ import pandas as pd
 import sqlalchemy as sa
 
 from provscope.errors import ProvscopeError
+from provscope.ids import content_id, entity_key
 
 if TYPE_CHECKING:
     from provscope.config import Config
@@ -41,9 +45,11 @@ if TYPE_CHECKING:
 __all__ = [
     "SERIES_COLUMNS",
     "entities",
+    "origin",
     "relations",
     "resolve_run_id",
     "runs",
+    "runs_using",
     "series",
     "sql",
     "tasks",
@@ -203,6 +209,153 @@ def relations(run_id: str, *, config: Config | None = None) -> pd.DataFrame:
         " (SELECT task_id FROM tasks WHERE run_id = :run_id)"
         " ORDER BY time_ns IS NULL, time_ns, relation, subject_id, object_id",
         {"run_id": run_id})
+
+
+# ----------------------------------------------------------------------------- entity graph
+
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+def _entity_match(what: str | os.PathLike[str], config: Config) -> tuple[str, dict[str, Any]]:
+    """A SQL condition on ``e`` (entities) selecting what ``what`` names, with its params.
+
+    An entity id, a digest, a URI, or a local path keyed as the job keys it
+    (``provscope.ids.entity_key``): its sha256 up to ``client.hash_max_bytes``, else its
+    URI, size and modification time; a path that does not exist: its URI.
+    """
+    text = os.fspath(what).strip()
+    if _UUID.fullmatch(text.lower()):
+        return "e.entity_id = :what", {"what": text.lower()}
+    if text.startswith("sha256:"):
+        return "e.digest = :what", {"what": text.lower()}
+    if "://" in text and not text.startswith("file://"):
+        return "e.uri = :what", {"what": text}
+    path = Path(text.removeprefix("file://")).expanduser().absolute()
+    uri = path.as_uri()
+    try:
+        st = path.stat()
+    except OSError:
+        return "e.uri = :what", {"what": uri}
+    if path.is_dir():  # keyed by the total size of its files: every version at the path
+        return "e.uri = :what", {"what": uri}
+    digest = None
+    if st.st_size <= config.client.hash_max_bytes:
+        with open(path, "rb") as fh:
+            digest = "sha256:" + hashlib.file_digest(fh, "sha256").hexdigest()
+    key = entity_key(digest=digest, uri=uri, size_bytes=st.st_size, mtime_ns=st.st_mtime_ns)
+    return "e.entity_id = :what", {"what": content_id(key) if key else ""}
+
+
+def _graph_frame(config: Config, statement: str, params: Mapping[str, Any],
+                 columns: list[str], ints: tuple[str, ...]) -> pd.DataFrame:
+    engine = _lineage_engine(config)
+    rows: list[tuple[Any, ...]] = []
+    if engine is not None:
+        with engine.connect() as conn:
+            inspector = sa.inspect(conn)
+            if all(inspector.has_table(t) for t in ("entities", "relations")):
+                rows = [tuple(r) for r in conn.execute(sa.text(statement), params)]
+    df = pd.DataFrame(rows, columns=columns) if rows else pd.DataFrame(
+        {c: pd.Series(dtype=object) for c in columns})
+    for col in ints:
+        df[col] = df[col].astype("Int64")
+        if col.endswith("_ns"):
+            df[col.removesuffix("_ns") + "_time" if col != "time_ns" else "time"] = \
+                pd.to_datetime(df[col], unit="ns", utc=True)
+    return df.reset_index(drop=True)
+
+
+_USES = (
+    "SELECT COALESCE(rel.run_id, t.run_id) AS run_id, r.name AS run_name,"
+    " r.status AS run_status, r.start_ns AS run_start_ns, rel.subject_id AS task_id,"
+    " t.name AS task_name, e.entity_id, e.kind, e.name, e.uri, e.digest, rel.role,"
+    " rel.time_ns"
+    " FROM entities e"
+    " JOIN relations rel ON rel.object_id = e.entity_id AND rel.relation = 'used'"
+    " LEFT JOIN tasks t ON t.task_id = rel.subject_id"
+    " LEFT JOIN runs r ON r.run_id = COALESCE(rel.run_id, t.run_id)"
+    " WHERE {match}"
+    " ORDER BY rel.time_ns IS NULL, rel.time_ns DESC, rel.subject_id"
+)
+_USES_COLUMNS = ["run_id", "run_name", "run_status", "run_start_ns", "task_id", "task_name",
+                 "entity_id", "kind", "name", "uri", "digest", "role", "time_ns"]
+
+
+def runs_using(what: str | os.PathLike[str], *, config: Config | None = None) -> pd.DataFrame:
+    """Which runs used an entity (a dataset, file, model, checkpoint): one row per use.
+
+    Args:
+        what: an entity id; a digest (``"sha256:<hex>"``: the same bytes wherever they
+            lay); a URI (``s3://...``); or a local path, identified as the job identifies
+            it (its sha256 up to ``client.hash_max_bytes``, hashed here, so this blocks
+            while it reads; else its size and modification time). A path that does not
+            exist, and a directory, match every entity recorded at that path.
+
+    Returns:
+        Columns ``run_id``, ``run_name``, ``run_status``, ``run_start_ns`` /
+        ``run_start_time``, ``task_id`` (the task, or the run for a use outside any
+        task), ``task_name``, ``entity_id``, ``kind``, ``name``, ``uri``, ``digest``,
+        ``role``, ``time_ns`` / ``time``; the most recent use first.
+        ``df.run_id.unique()`` lists the runs.
+    """
+    config = _config(config)
+    match, params = _entity_match(what, config)
+    return _graph_frame(config, _USES.format(match=match), params, _USES_COLUMNS,
+                        ("run_start_ns", "time_ns"))
+
+
+# The entity, then what it was derived from, recursively, each with what generated it.
+# UNION (not UNION ALL) and the depth bound keep a cycle (bytes saved again after a
+# change) finite; the CASTs type the NULLs of the first row as PostgreSQL requires.
+_ORIGIN = (
+    "WITH RECURSIVE chain(entity_id, depth, source_of, role) AS ("
+    " SELECT e.entity_id, 0, CAST(NULL AS VARCHAR(64)), CAST(NULL AS VARCHAR(64))"
+    " FROM entities e WHERE {match}"
+    " UNION"
+    " SELECT d.object_id, c.depth + 1, c.entity_id, d.role"
+    " FROM chain c JOIN relations d ON d.relation = 'derived' AND d.subject_id = c.entity_id"
+    " WHERE c.depth < :max_depth)"
+    " SELECT c.depth, c.entity_id, e.kind, e.name, e.uri, e.digest, e.size_bytes,"
+    " e.created_ns, c.source_of, c.role, g.subject_id AS generated_by, t.name AS task_name,"
+    " COALESCE(g.run_id, t.run_id) AS run_id, r.name AS run_name"
+    " FROM chain c"
+    " LEFT JOIN entities e ON e.entity_id = c.entity_id"
+    " LEFT JOIN relations g ON g.object_id = c.entity_id AND g.relation = 'generated'"
+    " LEFT JOIN tasks t ON t.task_id = g.subject_id"
+    " LEFT JOIN runs r ON r.run_id = COALESCE(g.run_id, t.run_id)"
+    " ORDER BY c.depth, c.entity_id, g.time_ns"
+)
+_ORIGIN_COLUMNS = ["depth", "entity_id", "kind", "name", "uri", "digest", "size_bytes",
+                   "created_ns", "source_of", "role", "generated_by", "task_name", "run_id",
+                   "run_name"]
+
+
+def origin(what: str | os.PathLike[str], *, max_depth: int = 10_000,
+           config: Config | None = None) -> pd.DataFrame:
+    """Where an entity (typically a checkpoint) came from: the entity, what it was derived
+    from (the model, the previous checkpoint, ...), recursively, and the task and run
+    that generated each.
+
+    Args:
+        what: as for ``runs_using``.
+        max_depth: longest chain of ``derived`` relations followed.
+
+    Returns:
+        One row per (entity, source_of, generator), nearest first: ``depth`` (0: the
+        entity itself), ``entity_id``, ``kind``, ``name``, ``uri``, ``digest``,
+        ``size_bytes``, ``created_ns`` / ``created_time``, ``source_of`` (the entity one
+        step nearer that was derived from this one), ``role`` (``model``,
+        ``previous_checkpoint``, ``source``), ``generated_by`` (task id, or run id for an
+        output recorded outside any task), ``task_name``, ``run_id``, ``run_name``.
+    """
+    config = _config(config)
+    match, params = _entity_match(what, config)
+    params = {**params, "max_depth": int(max_depth)}
+    df = _graph_frame(config, _ORIGIN.format(match=match), params, _ORIGIN_COLUMNS,
+                      ("depth", "size_bytes", "created_ns"))
+    # A cycle reaches an entity again further down: keep its nearest occurrence.
+    keys = ["entity_id", "source_of", "role", "generated_by"]
+    return df.drop_duplicates(subset=keys, keep="first").reset_index(drop=True)
 
 
 def resolve_run_id(prefix: str, *, config: Config | None = None) -> str:

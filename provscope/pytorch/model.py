@@ -8,6 +8,7 @@ device, a compact architecture summary) for its ``model`` entity.
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import logging
 import re
 from collections import Counter
@@ -18,10 +19,19 @@ from typing import Any
 from torch import nn
 
 from provscope.errors import ConfigError
+from provscope.ids import content_id
 
 log = logging.getLogger("provscope.torch")
 
-__all__ = ["Layer", "architecture_summary", "describe_model", "select_layers", "unwrap"]
+__all__ = [
+    "Layer",
+    "architecture_digest",
+    "architecture_summary",
+    "describe_model",
+    "model_entity_id",
+    "select_layers",
+    "unwrap",
+]
 
 _ARCH_CHARS = 2000
 
@@ -216,3 +226,24 @@ def describe_model(model: nn.Module, layers: Sequence[Layer]) -> dict[str, Any]:
         "device": devices.most_common(1)[0][0] if devices else None,
         "architecture": architecture_summary(model),
     }
+
+
+def architecture_digest(model: nn.Module) -> str:
+    """``"sha256:<hex>"`` over the model's class and the name and shape of every parameter
+    and buffer: the same for every instance of one architecture (whatever its weights,
+    dtype or device), different when a layer is added, removed or resized.
+
+    Reads shapes only (no tensor data, no device synchronisation).
+    """
+    cls = type(model)
+    h = hashlib.sha256(f"{cls.__module__}.{cls.__qualname__}\n".encode())
+    for kind, named in (("p", model.named_parameters()), ("b", model.named_buffers())):
+        for name, tensor in named:
+            h.update(f"{kind} {name} {tuple(tensor.shape)}\n".encode())
+    return f"sha256:{h.hexdigest()}"
+
+
+def model_entity_id(digest: str) -> str:
+    """The entity id of a model with this ``architecture_digest``: one ``model`` entity
+    per architecture across runs (checkpoints, keyed by their bytes, carry the weights)."""
+    return content_id(f"model:{digest}")

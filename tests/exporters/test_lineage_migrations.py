@@ -10,7 +10,10 @@ from provscope.exporters.base import ExportResult
 from provscope.exporters.lineage.engine import create_lineage_engine
 from provscope.exporters.lineage.exporter import SqlLineageExporter
 from provscope.exporters.lineage.schema import (
+    ENTITIES,
     METADATA,
+    MIGRATIONS,
+    RELATIONS,
     SCHEMA_VERSION,
     SCHEMA_VERSION_TABLE,
     current_version,
@@ -20,7 +23,7 @@ from provscope.exporters.lineage.store import SqlLineageStore
 
 from provscope.config import load_config
 from provscope.errors import ConfigError, LineageSchemaError
-from provscope.ids import new_id
+from provscope.ids import content_id, entity_key, new_id
 from provscope.records import RunRecord, TaskRecord
 
 
@@ -139,3 +142,96 @@ def test_default_lineage_url_is_the_embedded_file(tmp_path):
     assert (exporter.batch_size, exporter.flush_interval_s) == (
         config.lineage.batch_size, config.lineage.flush_interval_s)
     exporter.shutdown(1)
+
+
+# The version just before entities were keyed by content (found by name, so that steps
+# appended later do not move it).
+_BEFORE_IDENTITY = next(i for i, step in enumerate(MIGRATIONS)
+                        if step.__name__.endswith("_entity_identity"))
+_D = "sha256:" + "11" * 32
+
+
+def test_entity_identity_migration_rekeys_merges_and_links_existing_rows(url):
+    """A database of the previous version, written when every use minted an entity, is
+    upgraded in place: one entity per content, relations moved (duplicates collapse),
+    the old checkpoint->model attribute becomes a ``derived`` relation, and ``informed``
+    relations are written for what the old rows imply."""
+    engine = create_lineage_engine(url)
+    assert migrate(engine, target=_BEFORE_IDENTITY) == _BEFORE_IDENTITY
+    t = 1_700_000_000_000_000_000
+    runs = [new_id() for _ in range(3)]
+    tasks = [new_id() for _ in range(3)]
+    copies = [new_id() for _ in range(4)]  # four records of one file's bytes
+    model, ckpt, shared, big, remote = (new_id() for _ in range(5))
+    producer, consumer = new_id(), new_id()
+    entities = [
+        *({"entity_id": eid, "kind": "dataset", "uri": f"file:///n{i}/train.csv",
+           "name": f"copy-{i}", "digest": _D, "size_bytes": 10,
+           "run_id": runs[min(i, 2)], "created_ns": t + (1, 0, 2, 3)[i]}
+          for i, eid in enumerate(copies)),
+        {"entity_id": model, "kind": "model", "name": "Net", "run_id": runs[0],
+         "attributes": {"parameters_total": 9}, "created_ns": t},
+        {"entity_id": ckpt, "kind": "checkpoint", "uri": "file:///out/c.pt",
+         "digest": "sha256:" + "22" * 32, "run_id": runs[0], "created_ns": t + 5,
+         "attributes": {"model_entity_id": model, "step": 4}},
+        {"entity_id": shared, "kind": "dataset", "uri": "file:///out/shards",
+         "digest": "sha256:" + "33" * 32, "run_id": runs[1], "created_ns": t + 6},
+        {"entity_id": big, "kind": "file", "uri": "file:///data/big.bin", "size_bytes": 1 << 40,
+         "attributes": {"mtime_ns": 5, "digest_skipped": "too big"}, "run_id": runs[2],
+         "created_ns": t + 7},
+        {"entity_id": remote, "kind": "dataset", "uri": "s3://bucket/shard-0",
+         "run_id": runs[2], "created_ns": t + 8},
+    ]
+    relations = [
+        *({"relation": "used", "subject_id": tasks[min(i, 2) if i < 3 else 0],
+           "object_id": eid, "role": "dataset", "run_id": runs[min(i, 2) if i < 3 else 0],
+           "time_ns": t + 10 + i} for i, eid in enumerate(copies)),
+        {"relation": "used", "subject_id": tasks[0], "object_id": model, "role": "model",
+         "run_id": runs[0], "time_ns": t + 20},
+        {"relation": "generated", "subject_id": tasks[0], "object_id": ckpt,
+         "role": "checkpoint", "run_id": runs[0], "time_ns": t + 21},
+        {"relation": "generated", "subject_id": producer, "object_id": shared, "role": "",
+         "run_id": runs[1], "time_ns": t + 22},
+        {"relation": "used", "subject_id": consumer, "object_id": shared, "role": "",
+         "run_id": runs[2], "time_ns": t + 23},
+    ]
+    with engine.begin() as conn:  # executemany wants every row to name every column
+        for table, rows in ((ENTITIES, entities), (RELATIONS, relations)):
+            names = {c.name for c in table.columns if not c.name.endswith("time")}
+            conn.execute(table.insert(), [dict.fromkeys(names) | row for row in rows])
+    engine.dispose()
+
+    store = SqlLineageStore(url)  # writes migrate on first use
+    store.write([RunRecord(new_id(), name="after")])
+    with store.engine.connect() as conn:
+        assert current_version(conn) == SCHEMA_VERSION
+        ents = {r["entity_id"]: dict(r) for r in conn.execute(
+            sa.text("SELECT * FROM entities")).mappings()}
+        rels = [dict(r) for r in conn.execute(sa.text(
+            "SELECT relation, subject_id, object_id, role, run_id, time_ns FROM relations "
+            "ORDER BY relation, time_ns")).mappings()]
+    store.close()
+
+    data = content_id(f"digest:{_D}")
+    new_ckpt = content_id("digest:sha256:" + "22" * 32)
+    new_shared = content_id("digest:sha256:" + "33" * 32)
+    new_big = content_id(entity_key(uri="file:///data/big.bin", size_bytes=1 << 40,
+                                    mtime_ns=5))
+    new_remote = content_id("uri:s3://bucket/shard-0")
+    assert set(ents) == {data, model, new_ckpt, new_shared, new_big, new_remote}
+    merged = ents[data]
+    assert (merged["name"], merged["uri"], merged["run_id"], merged["created_ns"]) == \
+        ("copy-1", "file:///n1/train.csv", runs[1], t)  # the earliest record wins
+    used = [(r["subject_id"], r["run_id"], r["time_ns"]) for r in rels
+            if r["relation"] == "used" and r["object_id"] == data]
+    # tasks[0] used two copies of the bytes: one relation, the earlier.
+    assert sorted(used) == sorted([(tasks[0], runs[0], t + 10), (tasks[1], runs[1], t + 11),
+                                   (tasks[2], runs[2], t + 12)])
+    derived = [(r["subject_id"], r["object_id"], r["role"], r["run_id"]) for r in rels
+               if r["relation"] == "derived"]
+    assert derived == [(new_ckpt, model, "model", runs[0])]
+    informed = [(r["subject_id"], r["object_id"], r["run_id"]) for r in rels
+                if r["relation"] == "informed"]
+    assert informed == [(consumer, producer, runs[2])]
+    old_ids = {*copies, ckpt, shared, big, remote}
+    assert not old_ids & ({r["object_id"] for r in rels} | {r["subject_id"] for r in rels})

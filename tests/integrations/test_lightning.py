@@ -90,8 +90,11 @@ def test_one_callback_records_workflow_epochs_layers_and_checkpoints(tmp_path):
     ckpts = entities[entities["kind"] == "checkpoint"]
     assert len(ckpts) >= 1
     attrs = [a if isinstance(a, dict) else json.loads(a) for a in ckpts["attributes"]]
-    assert all(a["model_entity_id"] == model["entity_id"] for a in attrs)
     assert {a["step"] for a in attrs} <= {4, 8}
+    relations = query.relations(run.run_id, config=config)
+    derived = relations[(relations["relation"] == "derived") & (relations["role"] == "model")]
+    assert set(derived["subject_id"]) == set(ckpts["entity_id"])
+    assert set(derived["object_id"]) == {model["entity_id"]}
     hp = model["attributes"]
     hp = hp if isinstance(hp, dict) else json.loads(hp)
     assert hp["hyperparameters"] == {"hidden": 8}

@@ -56,8 +56,14 @@ def _check_lineage(run, settings) -> None:
     assert kinds == {"data": 1, "epoch": 2, "eval": 2, "step": 3}
     assert (tasks["status"] == "finished").all() and tasks["end_ns"].notna().all()
     ents = query.entities(run.run_id, config=settings)
-    assert sorted(ents["kind"]) == ["checkpoint", "dataset", "file"]
+    # The corpus, used as a dataset and as prepare()'s argument, is one entity (keyed by
+    # its bytes), described by its first record; each use has its relation and role.
+    assert sorted(ents["kind"]) == ["checkpoint", "dataset"]
     assert ents["digest"].str.startswith("sha256:").all()
+    rels = query.relations(run.run_id, config=settings)
+    corpus = ents[ents["kind"] == "dataset"]["entity_id"].iloc[0]
+    used = rels[(rels["relation"] == "used") & (rels["object_id"] == corpus)]
+    assert sorted(used["role"]) == ["dataset", "path"]
 
 
 def test_embedded_default_round_trip_through_the_query_api(tmp_path):

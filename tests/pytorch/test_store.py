@@ -62,9 +62,12 @@ def test_layer_series_model_entity_and_checkpoint_lineage_in_the_store(tmp_path)
     assert ckpt_row["kind"] == "checkpoint"
     attrs = ckpt_row["attributes"]
     attrs = attrs if isinstance(attrs, dict) else json.loads(attrs)
-    assert attrs["model_entity_id"] == w.model_entity_id and attrs["step"] == 4
+    assert attrs["step"] == 4 and "model_entity_id" not in attrs
 
     relations = query.relations(run.run_id, config=config)
+    derived = relations[relations["relation"] == "derived"]
+    assert list(zip(derived["subject_id"], derived["object_id"], derived["role"],
+                    strict=True)) == [(ckpt_id, w.model_entity_id, "model")]
     train_task = query.tasks(run.run_id, config=config).query("name == 'train'").iloc[0]
     used = relations[(relations["relation"] == "used")
                      & (relations["object_id"] == w.model_entity_id)]
