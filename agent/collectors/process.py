@@ -18,16 +18,17 @@ import contextlib
 import logging
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from provscope.agent.collectors.base import OnceLogger, specs_for
 
 from provscope.catalogue import MetricSpec
 from provscope.records import Point
 
-__all__ = ["ProcessCollector", "ProcessTree", "WatchList", "Watched", "children_map"]
+__all__ = ["ProcessCollector", "ProcessTree", "WatchList", "Watched", "children_map",
+           "tree_children_map"]
 
 log = logging.getLogger("provscope.collectors.process")
 
@@ -262,6 +263,42 @@ def children_map(procfs: str | os.PathLike[str] = "/proc") -> dict[int, list[int
     return out
 
 
+def tree_children_map(roots: Iterable[int],
+                      procfs: str | os.PathLike[str] = "/proc") -> dict[int, list[int]] | None:
+    """parent pid -> child pids below ``roots`` only, from
+    ``<procfs>/<pid>/task/<tid>/children``.
+
+    A job watching its own tree reads a few files instead of every process's ``stat``
+    (a shared node runs thousands). None when the kernel does not provide ``children``
+    files (built without ``CONFIG_PROC_CHILDREN``, or not Linux).
+    """
+    out: dict[int, list[int]] = {}
+    stack = list(roots)
+    while stack:
+        pid = stack.pop()
+        if pid in out:
+            continue
+        task_dir = os.path.join(procfs, str(pid), "task")
+        try:
+            tids = os.listdir(task_dir)
+        except OSError:
+            out[pid] = []  # exited: the tree sampler finds out on its own
+            continue
+        kids: list[int] = []
+        for tid in tids:
+            try:
+                with open(os.path.join(task_dir, tid, "children"), "rb") as f:
+                    kids.extend(int(k) for k in f.read().split())
+            except FileNotFoundError:
+                if os.path.isdir(os.path.join(task_dir, tid)):
+                    return None  # the thread exists, its children file does not
+            except (OSError, ValueError):
+                continue
+        out[pid] = kids
+        stack.extend(kids)
+    return out
+
+
 class ProcessCollector:
     """Resource use of every registered job's process tree.
 
@@ -270,13 +307,18 @@ class ProcessCollector:
         watch: the shared ``WatchList`` (ingest and ``provscope run`` register roots).
         psutil_module: the psutil module (tests pass a fake).
         procfs: the procfs root read for the process hierarchy (tests pass a fixture tree).
+        scan: ``"node"`` reads every process's parent once per sample (the agent: many
+            trees); ``"tree"`` walks down from the registered roots only (a job sampling
+            its own tree), falling back to ``"node"`` where the kernel cannot.
     """
 
     name: ClassVar[str] = "process"
 
     def __init__(self, host: str, watch: WatchList | None = None,
-                 psutil_module: Any = None, procfs: str | os.PathLike[str] = "/proc") -> None:
+                 psutil_module: Any = None, procfs: str | os.PathLike[str] = "/proc",
+                 scan: Literal["node", "tree"] = "node") -> None:
         self._procfs = procfs
+        self._scan = scan
         if psutil_module is None:
             import psutil as psutil_module
         self._ps = psutil_module
@@ -294,7 +336,11 @@ class ProcessCollector:
         for pid in set(self._trees) - roots:
             del self._trees[pid]
         out = []
-        children = children_map(self._procfs) if watched else None
+        children = None
+        if watched and self._scan == "tree":
+            children = tree_children_map(roots, self._procfs)
+        if watched and children is None:
+            children = children_map(self._procfs)
         for w in watched:
             tree = self._trees.get(w.pid)
             if tree is None:
