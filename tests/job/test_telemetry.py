@@ -10,14 +10,14 @@ import threading
 import time
 
 import pytest
+from provscope.exporters.memory import MemoryExporter
+from provscope.exporters.pipeline import Pipeline
 
 import provscope
 from provscope import query
 from provscope.catalogue.system import BY_COLLECTOR
 from provscope.config import load_config
 from provscope.errors import CollectorUnavailable
-from provscope.exporters.memory import MemoryExporter
-from provscope.exporters.pipeline import Pipeline
 from provscope.job import api as client
 from provscope.job import sink, telemetry
 from provscope.records import Point
@@ -309,3 +309,29 @@ def test_the_nvml_collector_reads_only_the_jobs_gpus(monkeypatch):
     agent_wide = NvmlCollector("h", nvml_module=_FakeNvml())
     agent_wide.open()
     assert len(agent_wide.collect(time.time_ns())) == 4  # the agent reads them all
+
+
+def test_the_job_walks_its_own_tree_only_and_finds_grandchildren():
+    import subprocess
+    import sys
+
+    from provscope.agent.collectors.process import children_map, tree_children_map
+
+    # a child that starts a grandchild, both alive while we look
+    code = ("import subprocess, sys, time; "
+            "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(30)']); "
+            "print(p.pid, flush=True); time.sleep(30)")
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        grandchild = int(child.stdout.readline())
+        mine = tree_children_map([os.getpid()])
+        if mine is None:
+            pytest.skip("this kernel has no /proc/<pid>/task/<tid>/children files")
+        assert child.pid in mine[os.getpid()] and mine[child.pid] == [grandchild]
+        # only the tree below the roots is read, and it agrees with the whole-node scan
+        assert tree_children_map([child.pid]) == {child.pid: [grandchild], grandchild: []}
+        assert children_map()[child.pid] == [grandchild]
+    finally:
+        child.kill()
+        child.wait()
+        subprocess.run(["kill", str(grandchild)], check=False)
