@@ -130,17 +130,13 @@ def _keep_own(config: Config, ask_agent: Callable[[], dict[str, str] | None]) ->
 
 
 def _default_factory(config: Config) -> tuple[str, Any]:
+    from provscope.job.agent_client import AgentClient
+
     try:
-        from provscope.job.agent_client import AgentClient
-    except ImportError:
-        AgentClient = None
-    client = None
-    if AgentClient is not None:
-        try:
-            client = AgentClient.try_connect(config)
-        except Exception:
-            log.warning("cannot reach the provscope agent; continuing without it", exc_info=True)
-            client = None
+        client = AgentClient.try_connect(config)
+    except Exception:
+        log.warning("cannot reach the provscope agent; continuing without it", exc_info=True)
+        client = None
     choice = config.client.destination
     if client is not None:
         path = client.path
