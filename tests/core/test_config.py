@@ -62,7 +62,8 @@ def test_bad_config_gives_one_line_naming_key_value_and_allowed(tmp_path, text, 
 
 
 def test_unknown_override_key_is_rejected():
-    with pytest.raises(ConfigError, match=r"--set: unknown key 'influxdb\.nope'; allowed keys here: url"):
+    with pytest.raises(ConfigError,
+                       match=r"--set: unknown key 'influxdb\.nope'; allowed keys here: url"):
         load_config(overrides=["influxdb.nope=1"], environ={})
 
 

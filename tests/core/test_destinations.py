@@ -34,8 +34,9 @@ def test_safe_url_drops_user_password_and_secret_parameters(url, expected):
 
 
 def test_the_lineage_store_and_the_demo_use_the_one_helper():
-    from provscope.commands import demo
     from provscope.exporters.lineage import engine
+
+    from provscope.commands import demo
 
     assert engine.safe_url is safe_url
     assert demo.safe_url is safe_url
