@@ -27,7 +27,7 @@ def inert_hook() -> functools.partial[None]:
     return functools.partial(object.__init__, 0)
 
 
-class Hook(functools.partial):  # type: ignore[type-arg]
+class Hook(functools.partial):
     """``Hook(fn, *args)``: calls ``fn(*args, *hook_args)``; copies and pickles as an
     inert hook (see :func:`inert_hook`)."""
 

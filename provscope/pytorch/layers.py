@@ -138,8 +138,9 @@ class LayerSampler:
         it = iter(norms)
         per_pos = [next(it) if g is not None else None for g in grads]
         for k, pos in enumerate(watched_pos):
-            if pos is not None and per_pos[pos] is not None:
-                state.grad_norms[k] = per_pos[pos]
+            norm = per_pos[pos] if pos is not None else None
+            if norm is not None:
+                state.grad_norms[k] = norm
         if self.log_params and self.params:
             self.take_snapshot(state)
 

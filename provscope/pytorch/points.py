@@ -95,8 +95,9 @@ def sampled_step_points(sampler: LayerSampler, state: StepState, now_ns: int) ->
             dt = b0.elapsed_time(b1) / 1000.0 if cuda else b1 - b0
             if dt >= 0:
                 f["backward_seconds"] = dt
-        if state.mem[i] is not None:
-            f["memory_allocated_delta_bytes"] = int(state.mem[i])
+        mem = state.mem[i]
+        if mem is not None:
+            f["memory_allocated_delta_bytes"] = int(mem)
     points = [Point("layer", sampler.layer_tags[i], f, now_ns)
               for i, f in enumerate(fields) if len(f) > 1]
     return points + param_points

@@ -122,6 +122,8 @@ class StepClock:
         try:
             if not self.active or os.getpid() != self._pid:
                 return
+            args: tuple[Any, ...]
+            kwargs: dict[str, Any]
             if isinstance(batch, dict):
                 args, kwargs = (), batch
             elif isinstance(batch, (tuple, list)):
