@@ -10,8 +10,10 @@ What it writes:
   opens named after the LightningModule class, with ``hparams`` as its config) and a
   ``fit`` task; a task per training epoch (kind ``epoch``) and per validation loop (kind
   ``eval``), each with its resource summary;
-* ``train`` points: the step's loss (every ``trainer.log_every_n_steps`` steps) and, at each
-  epoch end, the numeric ``trainer.callback_metrics`` (``val_loss`` ...);
+* the step's loss (every ``trainer.log_every_n_steps`` steps) and, at each epoch end, the
+  numeric ``trainer.callback_metrics`` (``val_loss`` ...) in the epoch's last step; steps
+  are numbered from 0 (``global_step`` when the batch starts), as the watcher numbers
+  them, so each step is one ``train`` point;
 * :func:`provscope.watch` on the module with the first optimizer: ``layer`` points every
   ``every`` steps and the per-step ``train`` point (step time, samples/s, lr, grad norm);
 * each checkpoint file the ``ModelCheckpoint`` callback writes, as a ``checkpoint`` entity
@@ -27,7 +29,8 @@ from typing import Any
 try:
     from lightning.pytorch.callbacks import Callback
 except ImportError:  # the pre-2.0 package name
-    from pytorch_lightning.callbacks import Callback
+    # The same class under its old package: mypy sees two distinct types.
+    from pytorch_lightning.callbacks import Callback  # type: ignore[assignment]
 
 from provscope.integrations._session import Session
 
@@ -84,11 +87,15 @@ class ProvscopeCallback(Callback):
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         s = self.session
-        s.log(trainer.global_step, {**trainer.callback_metrics, "epoch": trainer.current_epoch})
+        # global_step counts the steps done: the epoch's last step is one less.
+        s.log(max(trainer.global_step - 1, 0),
+              {**trainer.callback_metrics, "epoch": trainer.current_epoch})
         s.close_task(f"epoch {trainer.current_epoch}")
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any,
                              batch_idx: int) -> None:
+        # The batch's step: the optimizer steps done before it (the watcher's count too).
+        self._batch_step = trainer.global_step
         # Lightning calls training_step, not forward: mark the step boundary explicitly.
         if self.session.watcher is not None:
             self.session.watcher.begin_step(batch)
@@ -96,11 +103,13 @@ class ProvscopeCallback(Callback):
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         every = max(1, int(getattr(trainer, "log_every_n_steps", 50) or 50))
-        if trainer.global_step % every:
+        step = getattr(self, "_batch_step", None)
+        step = trainer.global_step if step is None else step
+        if step % every:
             return
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if loss is not None:
-            self.session.log(trainer.global_step, {"loss": loss})
+            self.session.log(step, {"loss": loss})
 
     # --------------------------------------------------------------- validation
 

@@ -11,7 +11,8 @@ What it writes:
   opens named after the model class, with ``TrainingArguments`` as its config) and a
   ``train`` task; a task per epoch (kind ``epoch``);
 * ``train`` points from every ``on_log`` (``loss``, ``grad_norm``, ``learning_rate`` written
-  as ``lr``, ``eval_*`` metrics ...) at ``state.global_step``;
+  as ``lr``, ``eval_*`` metrics ...) in the step just completed (``state.global_step - 1``:
+  steps are numbered from 0, as the watcher numbers them, so each step is one point);
 * :func:`provscope.watch` on the model with the Trainer's optimizer (unwrapped from
   Accelerate): ``layer`` points every ``every`` optimizer steps and the per-step ``train``
   point (step time, samples/s, tokens/s from ``input_ids``, lr, gradient norm);
@@ -73,7 +74,8 @@ class ProvscopeTrainerCallback(TrainerCallback):
     def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None,
                **kwargs: Any) -> None:
         if logs:
-            self.session.log(state.global_step,
+            # global_step counts the steps done; the watcher numbers steps from 0.
+            self.session.log(max(state.global_step - 1, 0),
                              {_RENAME.get(k, k): v for k, v in logs.items()})
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
