@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import io
 import os
 import struct
 import threading
@@ -89,7 +90,7 @@ class Spool:
                 from None
         self._mutex = threading.Lock()
         self._segments: list[_Segment] = []
-        self._writer = None  # open file of the newest segment
+        self._writer: io.BufferedWriter | None = None  # open file of the newest segment
         self._next_seq = 1
         self._peeked: tuple[int, int] | None = None  # (seq, offset) of the last peek
         self.dropped_records = 0
@@ -160,8 +161,10 @@ class Spool:
             seg = self._segments[-1] if self._segments else None
             if seg is None or self._writer is None or seg.size >= self.segment_bytes:
                 seg = self._new_segment()
-            self._writer.write(record)
-            self._writer.flush()  # to the OS: survives a crash of this process
+            writer = self._writer
+            assert writer is not None  # _new_segment opened it
+            writer.write(record)
+            writer.flush()  # to the OS: survives a crash of this process
             seg.size += len(record)
             seg.records += 1
             seg.count += count

@@ -68,7 +68,7 @@ def corpus_path() -> Path:
 
 
 def _model(torch: Any, vocab: int, h: Hyper) -> Any:
-    nn = torch.nn
+    nn: Any = torch.nn  # torch is imported lazily: the demo's CLI must start without it
 
     class CharTransformer(nn.Module):
         """Token + position embeddings, a causal Transformer encoder, a linear head."""

@@ -31,7 +31,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import pandas as pd
 import sqlalchemy as sa
@@ -99,11 +99,11 @@ def _columns(table: str) -> list[str]:
     return [c.name for c in METADATA.tables[table].columns]
 
 
-def _dtypes(table: str) -> dict[str, str]:
+def _dtypes(table: str) -> dict[str, Literal["boolean", "Int64", "Float64"]]:
     """Nullable pandas dtypes for the numeric and boolean columns of a table."""
     from provscope.exporters.lineage.schema import METADATA
 
-    out = {}
+    out: dict[str, Literal["boolean", "Int64", "Float64"]] = {}
     for col in METADATA.tables[table].columns:
         if isinstance(col.type, sa.Boolean):
             out[col.name] = "boolean"
@@ -154,7 +154,8 @@ def runs(*, limit: int | None = None, name: str | None = None, status: str | Non
         One row per run: the ``runs`` table columns, plus ``task_count`` and
         ``duration_s`` (NA while running).
     """
-    where, params = [], {}
+    where: list[str] = []
+    params: dict[str, Any] = {}
     if name is not None:
         where.append("r.name = :name")
         params["name"] = name
@@ -451,8 +452,8 @@ def series(measurement: str, field: str | None = None, run_id: str | None = None
     if run_id is not None:
         filters["run_id"] = run_id
     lo, hi = _to_ns(start), _to_ns(end)
-    if config.influxdb.url:
-        rows = _influx_rows(config, measurement, field, filters, lo, hi)
+    if url := config.influxdb.url:
+        rows = _influx_rows(config, url, measurement, field, filters, lo, hi)
     else:
         rows = _embedded_rows(config, measurement, field, filters, lo, hi)
     return _series_frame(rows)
@@ -477,7 +478,8 @@ def _embedded_rows(config: Config, measurement: str, field: str | None,
     path = Path(config.embedded.path).expanduser()
     if not path.exists():
         return []
-    where, params = ["measurement = ?"], [measurement]
+    where = ["measurement = ?"]
+    params: list[Any] = [measurement]
     if field is not None:
         where.append("field = ?")
         params.append(field)
@@ -529,7 +531,7 @@ def _influxql(measurement: str, field: str | None, filters: Mapping[str, str],
     return q + " GROUP BY *"
 
 
-def _influx_rows(config: Config, measurement: str, field: str | None,
+def _influx_rows(config: Config, url: str, measurement: str, field: str | None,
                  filters: Mapping[str, str], lo: int | None,
                  hi: int | None) -> list[tuple[Any, ...]]:
     ic = config.influxdb
@@ -544,7 +546,7 @@ def _influx_rows(config: Config, measurement: str, field: str | None,
     headers = {"Accept": "application/json"}
     if ic.token:
         headers["Authorization"] = f"Token {ic.token}"
-    url = ic.url.rstrip("/") + "/query"
+    url = url.rstrip("/") + "/query"
     request = urllib.request.Request(url, data=urllib.parse.urlencode(params).encode(),
                                      headers=headers, method="POST")
     try:

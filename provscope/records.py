@@ -85,6 +85,16 @@ RUN_STATUSES = ("running", "finished", "interrupted", "killed", "failed")
 RUN_ORIGINS = ("launcher", "implicit", "worker", "job")
 
 
+def _record_to_dict(record: Any) -> dict[str, Any]:
+    """A lineage record as a plain JSON-able dict (``record_from_dict`` reverses it)."""
+    out: dict[str, Any] = {"type": record.kind}
+    for f in dataclasses.fields(record):
+        value = getattr(record, f.name)
+        if value is not None:
+            out[f.name] = dict(value) if isinstance(value, Mapping) else value
+    return out
+
+
 @dataclass(frozen=True, slots=True)
 class RunRecord:
     """A workflow run, or what one process knows of it (every rank and launcher of a job
@@ -106,6 +116,7 @@ class RunRecord:
     origin: str | None = None  # one of RUN_ORIGINS; None: the weakest claim
 
     kind: ClassVar[str] = "run"
+    to_dict = _record_to_dict
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +145,7 @@ class TaskRecord:
     resources: Mapping[str, float] | None = None
 
     kind: ClassVar[str] = "task"
+    to_dict = _record_to_dict
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,6 +168,7 @@ class EntityRecord:
     created_ns: int | None = None
 
     kind: ClassVar[str] = "entity"
+    to_dict = _record_to_dict
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,6 +190,7 @@ class RelationRecord:
     time_ns: int | None = None
 
     kind: ClassVar[str] = "relation"
+    to_dict = _record_to_dict
 
 
 LineageRecord = RunRecord | TaskRecord | EntityRecord | RelationRecord
@@ -187,19 +201,6 @@ _BY_KIND: dict[str, type] = {
     "entity": EntityRecord,
     "relation": RelationRecord,
 }
-
-
-def _record_to_dict(record: Any) -> dict[str, Any]:
-    out: dict[str, Any] = {"type": record.kind}
-    for f in dataclasses.fields(record):
-        value = getattr(record, f.name)
-        if value is not None:
-            out[f.name] = dict(value) if isinstance(value, Mapping) else value
-    return out
-
-
-for _cls in (RunRecord, TaskRecord, EntityRecord, RelationRecord):
-    _cls.to_dict = _record_to_dict  # type: ignore[attr-defined]
 
 
 def record_from_dict(data: Mapping[str, Any]) -> Point | LineageRecord:

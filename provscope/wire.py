@@ -161,7 +161,7 @@ def decode_points(body: bytes) -> list[Point]:
             raise BadFrame("field names of one key entry must be distinct")
         series.append((entry[0], tags, names, len(names) + 2))
     n = len(series)
-    out = []
+    out: list[Point] = []
     append = out.append
     bad = _BAD_VALUE_TYPES
     for row in obj["p"]:

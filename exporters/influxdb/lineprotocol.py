@@ -41,7 +41,7 @@ backslash escapes the character after it. Catalogued names never do either.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from provscope.catalogue import lookup
@@ -73,8 +73,11 @@ _int_cache: dict[tuple[Any, Any], str] = {}  # (measurement, field) -> "i" or ""
 _SEP = object()
 # Shapes with at least this many floats format them in one orjson call (_bulk_float_text).
 _BULK_MIN = 3
+_dumps: Callable[..., bytes] | None
 try:
-    from orjson import dumps as _dumps
+    from orjson import dumps as _orjson_dumps
+
+    _dumps = _orjson_dumps
 except ImportError:  # optional: without it every float goes through repr
     _dumps = None
 _FLOAT_CACHE_MAX = 20_000
@@ -314,10 +317,10 @@ def encode_lines(points: Iterable[Point], ints_as_float: bool = True) -> list[st
                 add_line(line)
                 continue
         measurement = point.measurement
-        parts = []
+        parts: list[str] = []
         append = parts.append
         for fkey, key_eq, suffix in series.shape:
-            value = fields[fkey]
+            value: Any = fields[fkey]  # narrowed by type(value) below, which mypy cannot see
             t = type(value)
             if t is float:
                 if value - value:  # NaN or +-inf: no line protocol form

@@ -11,6 +11,7 @@ import json
 import math
 import sys
 from collections import Counter, defaultdict
+from collections.abc import Hashable, Mapping
 from typing import Any
 
 from provscope import jsonsafe
@@ -107,7 +108,7 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def _row(row: dict[str, Any]) -> dict[str, Any]:
+def _row(row: Mapping[Hashable, Any]) -> dict[str, Any]:
     """One DataFrame row as JSON: a missing cell (None, NaN, NA, NaT) is null."""
     return {str(k): None if _na(v) else jsonsafe.jsonable(v) for k, v in row.items()}
 
@@ -132,8 +133,8 @@ def run_runs(args: argparse.Namespace) -> int:
         print(f"no runs recorded in {query._safe(config.lineage_url)} "
               "(`provscope demo` records one)")
         return 0
-    rows = [[r.run_id, _text(r.name), _text(r.status), _time(r.start_time),
-             format_duration(r.duration_s), _text(r.host), str(int(r.task_count))]
+    rows = [[str(r.run_id), _text(r.name), _text(r.status), _time(r.start_time),
+             format_duration(r.duration_s), _text(r.host), str(r.task_count)]
             for r in df.itertuples()]
     print(_table(["RUN ID", "NAME", "STATUS", "START (UTC)", "DURATION", "HOST", "TASKS"], rows))
     return 0

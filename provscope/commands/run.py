@@ -31,6 +31,14 @@ import subprocess
 import sys
 import threading
 import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import resource
+
+    from provscope.agent.daemon import Agent
+    from provscope.exporters.pipeline import Pipeline
+    from provscope.job.agent_client import AgentClient
 
 __all__ = ["register"]
 
@@ -76,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
         "lineage.url": args.lineage_url, "host": args.host})
     sock = socket_path(config)
     agent = None
-    client = AgentClient.try_connect(config)
+    client: AgentClient | Pipeline | None = AgentClient.try_connect(config)
     if client is None:
         try:
             agent = Agent(config).start()  # lives as long as the command
@@ -186,7 +194,7 @@ def _status(rc: int, sigint: bool) -> str:
     return "failed"
 
 
-def _wait(proc: subprocess.Popen) -> tuple[int, object]:
+def _wait(proc: subprocess.Popen) -> tuple[int, resource.struct_rusage | None]:
     """Wait for the child, returning (returncode, rusage of it and its reaped children)."""
     while True:
         try:
@@ -201,7 +209,7 @@ def _wait(proc: subprocess.Popen) -> tuple[int, object]:
     return rc, usage
 
 
-def _finish(client, agent) -> None:
+def _finish(client: AgentClient | Pipeline, agent: Agent | None) -> None:
     client.shutdown(10.0)
     if agent is not None:
         agent.stop()

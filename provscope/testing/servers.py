@@ -71,9 +71,10 @@ class InfluxServer:
     """
 
     def __init__(self, root: str | None = None) -> None:
-        self.binary = shutil.which("influxd")
-        if not self.binary:
+        binary = shutil.which("influxd")
+        if not binary:
             raise ServerUnavailable("influxd not found: apt-get install -y influxdb")
+        self.binary: str = binary
         self.dir = Path(root or tempfile.mkdtemp(prefix="provscope-influx-"))
         self.port = free_port()
         self.rpc_port = free_port()
@@ -205,9 +206,10 @@ class PrometheusServer:
     """Prometheus scraping the given targets every ``interval_s``."""
 
     def __init__(self, targets: list[str], interval_s: float = 1.0) -> None:
-        self.binary = shutil.which("prometheus")
-        if not self.binary:
+        binary = shutil.which("prometheus")
+        if not binary:
             raise ServerUnavailable("prometheus not found: apt-get install -y prometheus")
+        self.binary: str = binary
         self.dir = Path(tempfile.mkdtemp(prefix="provscope-prom-"))
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
