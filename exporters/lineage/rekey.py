@@ -65,10 +65,12 @@ def _chunks(items: Sequence[str]) -> Iterator[Sequence[str]]:
 
 def _insert_ignore(conn: Connection, table: sa.Table) -> sa.Insert:
     if conn.dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
-    else:
-        from sqlalchemy.dialects.sqlite import insert
-    return insert(table).on_conflict_do_nothing()
+        from sqlalchemy.dialects import postgresql
+
+        return postgresql.insert(table).on_conflict_do_nothing()
+    from sqlalchemy.dialects import sqlite
+
+    return sqlite.insert(table).on_conflict_do_nothing()
 
 
 def rekey_entities(conn: Connection, entities: sa.Table, relations: sa.Table) -> None:
@@ -79,8 +81,9 @@ def rekey_entities(conn: Connection, entities: sa.Table, relations: sa.Table) ->
     """
     groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
     derived: list[dict[str, Any]] = []
-    for row in conn.execute(sa.select(entities)).mappings():
-        groups[_new_id(row)].append(dict(row))
+    for found in conn.execute(sa.select(entities)).mappings():
+        stored = dict(found)
+        groups[_new_id(stored)].append(stored)
     moved: dict[str, str] = {}
     for new, rows in groups.items():
         for row in rows:
@@ -92,11 +95,11 @@ def rekey_entities(conn: Connection, entities: sa.Table, relations: sa.Table) ->
         stale = [r["entity_id"] for rows in affected.values() for r in rows]
         for part in _chunks(stale):
             conn.execute(entities.delete().where(entities.c.entity_id.in_(part)))
-        merged = []
+        merged: list[dict[str, Any]] = []
         for new, rows in affected.items():
-            row = _earliest_first(rows)
-            row["entity_id"] = new
-            merged.append(row)
+            first = _earliest_first(rows)
+            first["entity_id"] = new
+            merged.append(first)
         conn.execute(entities.insert(), merged)
         _move_relations(conn, relations, moved)
     for rows in groups.values():
