@@ -11,6 +11,7 @@ import pytest
 
 from provscope import query
 from provscope.config import load_config
+from provscope.destinations import safe_url
 
 
 def _env(tmp_path) -> dict[str, str]:
@@ -82,7 +83,9 @@ def test_demo_writes_to_influxdb_and_postgresql_when_given_their_urls(
                       "PROVSCOPE_INFLUXDB_SPOOL_DIR": str(tmp_path / "spool")})
     assert proc.returncode == 0, proc.stderr
     assert f"InfluxDB {influx_server.url} (database {influx_db})" in proc.stdout
-    assert postgres_url in proc.stdout
+    # Where data went, without the database user (URLs are shown without credentials).
+    assert f"lineage      {safe_url(postgres_url)}\n" in proc.stdout
+    assert "postgres@" not in proc.stdout
     run_id = re.search(r"^\s+run\s+(\S+)$", proc.stdout, re.M).group(1)
     assert not (tmp_path / "provscope.db").exists()
     assert influx_server.count(influx_db, "train", "loss") == 30
