@@ -2,7 +2,8 @@
 # Install everything the test suite needs, then run it all.
 #  - Debian packages (as root, only when missing): influxdb, prometheus, postgresql.
 #  - A virtual environment .venv with torch==2.13.0 (the CPU wheel) and provscope[dev,torch].
-#  - ruff, then pytest with a node agent listening on the default socket (a private
+#  - ruff; the structure checks (import-linter contracts, mypy over the whole package);
+#    then pytest with a node agent listening on the default socket (a private
 #    XDG_RUNTIME_DIR); pytest's "no tests collected" (exit 5) counts as a failure, and so
 #    does any record a test sent to that agent.
 set -euo pipefail
@@ -28,6 +29,8 @@ PY=${PYTHON:-python3}
 .venv/bin/python -m pip install -q -e '.[dev,torch]'
 
 .venv/bin/ruff check .
+# import-linter contracts (the direction of dependencies) and mypy over the whole package.
+bash scripts/check_structure.sh
 
 # The suite runs with a node agent listening on the default socket, as on a user's
 # machine: tests must never reach it (tests/conftest.py isolates socket and state

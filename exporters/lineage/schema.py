@@ -32,6 +32,7 @@ import sqlalchemy as sa
 from provscope.exporters.lineage.rekey import rekey_entities
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.schema import SchemaItem
 
 from provscope.errors import LineageSchemaError
 
@@ -71,7 +72,7 @@ _V2_TASK_COLUMNS = (*RESOURCE_COLUMNS, "resources")
 
 
 def _runs(md: sa.MetaData, version: int) -> sa.Table:
-    cols: list[sa.SchemaItem] = [
+    cols: list[SchemaItem] = [
         sa.Column("run_id", sa.String(64), primary_key=True),
         sa.Column("name", sa.Text),
         sa.Column("parent_run_id", sa.String(64)),
@@ -101,7 +102,7 @@ def _runs(md: sa.MetaData, version: int) -> sa.Table:
 
 
 def _tasks(md: sa.MetaData, version: int) -> sa.Table:
-    cols: list[sa.SchemaItem] = [
+    cols: list[SchemaItem] = [
         sa.Column("task_id", sa.String(64), primary_key=True),
         sa.Column("run_id", sa.String(64), nullable=False),
         sa.Column("parent_task_id", sa.String(64)),

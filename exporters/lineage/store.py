@@ -41,6 +41,7 @@ from provscope.exporters.lineage.schema import (
     TIME_COLUMNS,
     migrate,
 )
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 
 from provscope.records import (
@@ -84,7 +85,7 @@ _NO_RESOURCES = dict.fromkeys(RESOURCE_COLUMNS)
 
 
 def _task_row(r: TaskRecord) -> dict[str, Any]:
-    row = {
+    row: dict[str, Any] = {
         "task_id": r.task_id, "run_id": r.run_id, "parent_task_id": r.parent_task_id,
         "name": r.name, "kind": r.task_kind, "host": r.host, "rank": r.rank, "pid": r.pid,
         "start_ns": r.start_ns, "end_ns": r.end_ns, "status": r.status, "error": r.error,
@@ -228,14 +229,17 @@ _ORDER = (RunRecord, EntityRecord, TaskRecord, RelationRecord)
 
 
 def _upsert(dialect: str, table: sa.Table, keys: Sequence[str]) -> sa.Insert:
+    binds: dict[str, sa.BindParameter[Any]] = {c.name: sa.bindparam(c.name)
+                                              for c in table.columns}
+    stmt: postgresql.Insert | sqlite.Insert
     if dialect == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
+        stmt = postgresql.insert(table).values(binds)
     else:
-        from sqlalchemy.dialects.sqlite import insert
-    stmt = insert(table).values({c.name: sa.bindparam(c.name) for c in table.columns})
+        stmt = sqlite.insert(table).values(binds)
     excluded = stmt.excluded
     sets: dict[str, Any] = {}
-    running = sa.literal_column("'running'")  # inline: the statement has only column binds
+    # Inline: the statement has only column binds.
+    running: sa.ColumnClause[str] = sa.literal_column("'running'")
     if table.name == "runs":
         return stmt.on_conflict_do_update(index_elements=list(keys),
                                           set_=_run_sets(excluded, table))
@@ -344,6 +348,9 @@ class _CompiledUpsert:
             conn.exec_driver_sql(self.sql, params)
             return
         driver = conn.connection.driver_connection
+        if driver is None:  # pragma: no cover - a pooled PostgreSQL connection has one
+            conn.exec_driver_sql(self.sql, params)
+            return
         with driver.cursor() as cur:
             # Idempotent and cheap; also right after a reconnect (temp tables die with
             # their connection) and after a rolled-back transaction that created it.

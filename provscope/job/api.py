@@ -153,6 +153,7 @@ def flush(timeout_s: float = 10.0) -> bool:
 
 def _call_arguments(sig: inspect.Signature | None, args: tuple[Any, ...],
                     kwargs: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any]
     if sig is None:
         out = {f"arg{i}": v for i, v in enumerate(args)}
         out.update(kwargs)
@@ -161,7 +162,7 @@ def _call_arguments(sig: inspect.Signature | None, args: tuple[Any, ...],
         bound = sig.bind_partial(*args, **kwargs)
     except TypeError:
         return {f"arg{i}": v for i, v in enumerate(args)} | kwargs
-    out: dict[str, Any] = {}
+    out = {}
     for name, value in bound.arguments.items():
         kind = sig.parameters[name].kind
         if kind is inspect.Parameter.VAR_KEYWORD:
@@ -227,14 +228,14 @@ class _TaskFactory:
     def __enter__(self) -> Task:
         return self._open().__enter__()
 
-    def __exit__(self, *exc: Any) -> bool:
-        return self._scope.pop().__exit__(*exc)
+    def __exit__(self, *exc: Any) -> None:
+        self._scope.pop().__exit__(*exc)
 
     async def __aenter__(self) -> Task:
         return self._open().__enter__()
 
-    async def __aexit__(self, *exc: Any) -> bool:
-        return self._scope.pop().__exit__(*exc)
+    async def __aexit__(self, *exc: Any) -> None:
+        self._scope.pop().__exit__(*exc)
 
 
 def task(fn: Any = None, /, *, name: str | None = None, kind: str = "task",
@@ -258,7 +259,7 @@ def task(fn: Any = None, /, *, name: str | None = None, kind: str = "task",
 
 
 def _decorate(fn: F, name: str | None, kind: str, capture_args: bool) -> F:
-    task_name = name or getattr(fn, "__qualname__", None) or getattr(fn, "__name__", "task")
+    task_name = name or str(getattr(fn, "__qualname__", None) or getattr(fn, "__name__", "task"))
     try:
         sig: inspect.Signature | None = inspect.signature(fn)
     except (TypeError, ValueError):

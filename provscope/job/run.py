@@ -200,7 +200,8 @@ class _TaskScope:
             run.errors += 1
             return self.task or Task(run, self.name, self.kind, None, None)
 
-    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        # Returns None: the user's exception, if any, goes on unchanged.
         try:
             _reset_context(self._tokens)
             self._tokens = None
@@ -208,13 +209,12 @@ class _TaskScope:
                 self._run._end_task(self.task, exc)
         except Exception:
             self._run.errors += 1
-        return False  # the user's exception, if any, goes on unchanged
 
     async def __aenter__(self) -> Task:
         return self.__enter__()
 
-    async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
-        return self.__exit__(exc_type, exc, tb)
+    async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        self.__exit__(exc_type, exc, tb)
 
 
 def _reset_context(tokens: tuple[Any, Any] | None) -> None:
@@ -441,9 +441,8 @@ class Run:
     def __enter__(self) -> Run:
         return self.start()
 
-    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
-        self.finish(_stopped_by(exc), exc)
-        return False
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        self.finish(_stopped_by(exc), exc)  # the exception, if any, goes on unchanged
 
     def _run_record(self, start: bool) -> RunRecord:
         try:

@@ -12,9 +12,9 @@ import hashlib
 import logging
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from torch import nn
 
@@ -74,22 +74,26 @@ def unwrap(model: nn.Module) -> tuple[nn.Module, str | None]:
                 "force recompilation and graph breaks, so activation statistics and layer "
                 "timings are skipped; parameter statistics are computed outside the graph"
             )
-            inner = inner._orig_mod
+            inner = cast(nn.Module, inner._orig_mod)  # Module.__getattr__ says Tensor | Module
         elif isinstance(getattr(inner, "module", None), nn.Module) and type(inner).__name__ in (
             "DistributedDataParallel", "DataParallel", "FullyShardedDataParallel",
         ):
-            inner = inner.module
+            inner = cast(nn.Module, inner.module)  # checked to be a Module above
         else:
             break
     return inner, compiled
 
 
-def _matcher(patterns: Sequence[str] | str | None):
+def _glob(pattern: str) -> Callable[[str], bool]:
+    return lambda name: fnmatch.fnmatchcase(name, pattern)
+
+
+def _matcher(patterns: Sequence[str] | str | None) -> Callable[[str], bool] | None:
     if patterns is None:
         return None
     if isinstance(patterns, str):
         patterns = [patterns]
-    compiled = []
+    compiled: list[Callable[[str], object]] = []  # truthy on a match
     for pattern in patterns:
         if not isinstance(pattern, str) or not pattern:
             raise ConfigError(f"watch(layers=...): {pattern!r} is not a non-empty string; "
@@ -100,7 +104,7 @@ def _matcher(patterns: Sequence[str] | str | None):
             except re.error as exc:
                 raise ConfigError(f"watch(layers=...): bad regex {pattern[3:]!r}: {exc}") from None
         else:
-            compiled.append(lambda name, p=pattern: fnmatch.fnmatchcase(name, p))
+            compiled.append(_glob(pattern))
     return lambda name: any(m(name) for m in compiled)
 
 

@@ -48,6 +48,7 @@ def first_tensor(value: Any) -> torch.Tensor | None:
     ``ModelOutput`` included), else the first tensor there; None when there is none."""
     if isinstance(value, torch.Tensor):
         return value
+    items: Sequence[Any]
     if isinstance(value, Mapping):
         items = list(value.values())
     elif isinstance(value, (tuple, list)):
