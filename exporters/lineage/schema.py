@@ -147,7 +147,11 @@ def _entities(md: sa.MetaData) -> sa.Table:
     )
 
 
-def _relations(md: sa.MetaData) -> sa.Table:
+def _relations(md: sa.MetaData, version: int) -> sa.Table:
+    # Version 4: (object_id, relation), so that "who used / generated this entity" (the
+    # store's informed links, query.runs_using) searches by entity, not by relation kind.
+    by_object = sa.Index("ix_relations_object_id_relation", "object_id", "relation") \
+        if version >= 4 else sa.Index("ix_relations_object_id", "object_id")
     return sa.Table(
         "relations", md,
         sa.Column("relation", sa.String(16), primary_key=True),
@@ -159,7 +163,7 @@ def _relations(md: sa.MetaData) -> sa.Table:
         sa.Column("time_ns", sa.BigInteger),
         sa.Column("time", _TS),
         sa.Index("ix_relations_run_id", "run_id"),
-        sa.Index("ix_relations_object_id", "object_id"),
+        by_object,
     )
 
 
@@ -176,13 +180,13 @@ def _metadata(version: int) -> sa.MetaData:
     _runs(md, version)
     _tasks(md, version)
     _entities(md)
-    _relations(md)
+    _relations(md, version)
     _version_table(md)
     return md
 
 
 #: The current schema (what the store writes and the query API reads).
-METADATA = _metadata(3)
+METADATA = _metadata(4)
 RUNS = METADATA.tables["runs"]
 TASKS = METADATA.tables["tasks"]
 ENTITIES = METADATA.tables["entities"]
@@ -235,8 +239,13 @@ def _step3_run_origin(conn: Connection) -> None:
 
 def _step4_entity_identity(conn: Connection) -> None:
     """Version 4: entities keyed by content; old rows re-keyed and merged, their relations
-    moved, ``derived`` and ``informed`` relations written (``rekey``). No DDL."""
-    rekey_entities(conn, _entities(sa.MetaData()), _relations(sa.MetaData()))
+    moved, ``derived`` and ``informed`` relations written (``rekey``); the relations'
+    entity index becomes (object_id, relation)."""
+    relations = _relations(sa.MetaData(), 4)
+    index = next(i for i in relations.indexes if i.name == "ix_relations_object_id_relation")
+    index.create(conn, checkfirst=True)
+    conn.exec_driver_sql("DROP INDEX IF EXISTS ix_relations_object_id")
+    rekey_entities(conn, _entities(sa.MetaData()), relations)
 
 
 #: Numbered steps: MIGRATIONS[i] upgrades version i to version i + 1.

@@ -205,6 +205,9 @@ def test_entity_identity_migration_rekeys_merges_and_links_existing_rows(url):
     store.write([RunRecord(new_id(), name="after")])
     with store.engine.connect() as conn:
         assert current_version(conn) == SCHEMA_VERSION
+        indexes = {i["name"] for i in sa.inspect(conn).get_indexes("relations")}
+        assert "ix_relations_object_id_relation" in indexes
+        assert "ix_relations_object_id" not in indexes
         ents = {r["entity_id"]: dict(r) for r in conn.execute(
             sa.text("SELECT * FROM entities")).mappings()}
         rels = [dict(r) for r in conn.execute(sa.text(
