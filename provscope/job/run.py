@@ -59,6 +59,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 MAX_ERROR_CHARS = 4000
 TRAIN = "train"
 _INT_FIELDS = frozenset({"step", "epoch"})
+# How often a run whose id must come from rank 0 checks whether torch.distributed is up.
+_IDENTITY_POLL_S = 0.1
 # Records counted per kind (tasks are counted once each, when they start).
 _COUNT_KEYS = {"point": "points", "entity": "entities", "relation": "relations", "run": "runs"}
 
@@ -273,6 +275,7 @@ class Run:
         self.top_level = outer is None or outer.implicit
         self.root_parent: str | None = None
         self._pending = False
+        self._settle_lock = threading.RLock()
         self._children: dict[str, int] = {}
         if run_id or self.top_level:
             try:
@@ -348,19 +351,27 @@ class Run:
 
     def _settle(self) -> None:
         """Take rank 0's run id over torch.distributed once it is initialised (rank 0
-        publishes its own). Before that, this does nothing."""
+        publishes its own). Before that, this does nothing. Other threads asking for the
+        run id meanwhile wait for the answer (bounded by ``client.identity_wait_s``)."""
         state = identity.dist_state()
-        if state is None or not self._pending:
+        if state is None:
             return
-        self._pending = False
-        try:
-            if state[0] == 0:
-                identity.SHARE.publish(self._run_id)
+        with self._settle_lock:
+            if not self._pending:
                 return
-            shared = identity.SHARE.fetch(self.config.client.identity_wait_s)
+            shared = None
+            try:
+                if state[0] == 0:
+                    identity.SHARE.publish(self._run_id)
+                else:
+                    shared = identity.SHARE.fetch(self.config.client.identity_wait_s)
+            except Exception:
+                self.errors += 1
             if shared is not None and shared != self._run_id:
-                self._run_id = shared
                 self._tags_ = {**self._tags_, "run_id": shared}
+                self._run_id = shared
+            self._pending = False
+        try:
             if self._start_due:
                 self._start_due = False
                 self.emit(self._run_record(start=True))
@@ -400,9 +411,25 @@ class Run:
                 else:
                     self.emit(self._run_record(start=True))
                 self._announce()
+                if self._pending:
+                    self._watch_identity()
         except Exception:
             self.errors += 1
         return self
+
+    def _watch_identity(self) -> None:
+        """Settle the run id as soon as the job initialises torch.distributed, on a
+        daemon thread (``provscope-identity``): rank 0 publishes at once, so a short job
+        does not tear down the process group's store before the others have read it."""
+
+        def poll() -> None:
+            while self._pending and self.status in ("created", "running"):
+                if identity.dist_state() is not None:
+                    self._settle()
+                    return
+                time.sleep(_IDENTITY_POLL_S)
+
+        threading.Thread(target=poll, name="provscope-identity", daemon=True).start()
 
     def finish(self, status: str = "finished", error: BaseException | None = None) -> None:
         """Close the run: end record with ``status`` (one of ``RUN_STATUSES``). Idempotent.
@@ -470,6 +497,8 @@ class Run:
         sink = self._sink
         if sink is None:
             return
+        if self._pending:
+            self._settle()
         if self.status not in ("running", "created"):
             self._late()
             return

@@ -39,6 +39,9 @@ def _worker(rank: int, world: int, port: int, db: str, before: bool) -> None:
         run = provscope.workflow("spawned", config={"lr": 0.5}, settings=settings).start()
     try:
         run.log(step=0, loss=float(rank))
+        # A training step's collective: without one, rank 0 may end the process group
+        # (and the store it hosts) before the others have read the id.
+        dist.barrier()
         with run.task("shard"):
             pass
         run.finish()
