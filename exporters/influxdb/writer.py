@@ -98,7 +98,8 @@ class InfluxDBExporter:
         gzip: compress request bodies.
         timeout_s: connect and read timeout per request, seconds.
         max_retries: immediate retries of a failing batch before it is spooled.
-        retry_backoff_s, max_backoff_s: first retry delay and cap (also caps Retry-After).
+        retry_backoff_s, max_backoff_s: backoff window of the first retry and its cap
+            (``provscope.backoff``; the cap also bounds Retry-After), seconds.
         spool_dir: parent directory of the spool (None: ``default_spool_dir()``); each
             destination gets its own subdirectory, and a second process writing to the same
             destination takes the next free slot (``.1``, ``.2``, ...).
