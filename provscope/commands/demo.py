@@ -11,9 +11,8 @@ import argparse
 import importlib.util
 import re
 import time
-from pathlib import Path
 
-from provscope.destinations import safe_url
+from provscope.destinations import destinations
 from provscope.errors import ConfigError, ProvscopeError
 
 __all__ = ["register"]
@@ -89,13 +88,10 @@ def run_demo(args: argparse.Namespace) -> int:
     if result.sink_mode == "agent":
         print("Data went to the provscope agent on this node, which writes it to its stores.")
     else:
+        where = destinations(config)  # no credentials, absolute paths
         print("Data went to:")
-        if config.influxdb.url:
-            print(f"  time series  InfluxDB {safe_url(config.influxdb.url)} "
-                  f"(database {config.influxdb.bucket or config.influxdb.database})")
-        else:
-            print(f"  time series  {Path(config.embedded.path).expanduser().resolve()}")
-        print(f"  lineage      {safe_url(config.lineage_url)}")
+        print(f"  time series  {where['time_series']}")
+        print(f"  lineage      {where['lineage']}")
     print(f"  checkpoint   {result.checkpoint}")
     print()
     eval_text = f" (eval {result.eval_loss:.4f})" if result.eval_loss is not None else ""

@@ -36,7 +36,8 @@ def test_demo_trains_records_and_prints_the_summary(tmp_path):
     out = proc.stdout
     run_id = re.search(r"^\s+run\s+(\S+)$", out, re.M).group(1)
     assert f"provscope show {run_id}" in out
-    assert str(tmp_path / "provscope.db") in out
+    assert f"time series  SQLite {tmp_path / 'provscope.db'}\n" in out
+    assert f"lineage      SQLite {tmp_path / 'provscope.db'}\n" in out  # absolute, not a URL
     assert re.search(r"^\s+final loss\s+\d+\.\d+ \(eval \d+\.\d+\)$", out, re.M)
     assert re.search(r"^\s+wall time\s+[\d.]+ s", out, re.M)
     assert (tmp_path / "ckpt" / "model.pt").stat().st_size > 10_000
@@ -82,7 +83,7 @@ def test_demo_writes_to_influxdb_and_postgresql_when_given_their_urls(
                  env={"PROVSCOPE_INFLUXDB_DATABASE": influx_db,
                       "PROVSCOPE_INFLUXDB_SPOOL_DIR": str(tmp_path / "spool")})
     assert proc.returncode == 0, proc.stderr
-    assert f"InfluxDB {influx_server.url} (database {influx_db})" in proc.stdout
+    assert f"InfluxDB {influx_server.url} (v1, database {influx_db})" in proc.stdout
     # Where data went, without the database user (URLs are shown without credentials).
     assert f"lineage      {safe_url(postgres_url)}\n" in proc.stdout
     assert "postgres@" not in proc.stdout
