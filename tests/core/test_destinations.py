@@ -39,7 +39,7 @@ def test_the_lineage_store_and_the_demo_use_the_one_helper():
     from provscope.commands import demo
 
     assert engine.safe_url is safe_url
-    assert demo.safe_url is safe_url
+    assert demo.destinations is destinations
 
 
 def test_absolute_paths_anchor_every_relative_path_to_the_base(tmp_path):
