@@ -549,10 +549,17 @@ class Run:
         the run); a later value of the same field replaces the earlier one. With no step
         at all the scalars are one point of their own, at once. Values may be numbers,
         bools, short strings, 0-d tensors or numpy scalars; others are skipped and counted
-        in ``errors``. Never blocks, never raises.
+        in ``errors``. Never raises; blocks only once, on a rank other than 0 whose run id
+        still waits for rank 0's after ``init_process_group`` (at most
+        ``client.identity_wait_s``).
         """
         if self._sink is None:
             return
+        if self._pending:
+            # Settle the id while rank 0 is surely alive (it waits in this step's
+            # collective), not at the step's end, when a short job's rank 0 may already
+            # have torn down the store that carries its id.
+            self._settle()
         try:
             skipped: list[str] | None = None
             for key, value in scalars.items():  # **scalars is a dict of our own: in place
