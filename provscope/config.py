@@ -26,10 +26,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from provscope import env
+from provscope.alerting import AlertsConfig
 from provscope.errors import ConfigError
 
 __all__ = [
     "AgentConfig",
+    "AlertsConfig",
     "ClientConfig",
     "CollectorConfig",
     "Config",
@@ -154,6 +156,7 @@ class Config(_Model):
     prometheus: PrometheusConfig = PrometheusConfig()
     client: ClientConfig = ClientConfig()
     torch: TorchConfig = TorchConfig()
+    alerts: AlertsConfig = AlertsConfig()
 
     @property
     def host_name(self) -> str:
@@ -196,6 +199,37 @@ def _sections(model: type[BaseModel], prefix: str = "") -> set[str]:
             out.add(prefix + name)
             out |= _sections(ann, f"{prefix}{name}.")
     return out
+
+
+def _dict_leaves(model: type[BaseModel] | None = None,
+                 prefix: str = "") -> dict[str, type[BaseModel]]:
+    """Dotted key -> item model of the settings that map names to models (``alerts.rules``):
+    their entries are set one key at a time (``alerts.rules.NAME.KEY``)."""
+    model = Config if model is None else model
+    out: dict[str, type[BaseModel]] = {}
+    for name, info in model.model_fields.items():
+        ann = info.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            out.update(_dict_leaves(ann, f"{prefix}{name}."))
+        elif getattr(ann, "__origin__", None) is dict:
+            item = ann.__args__[1]  # type: ignore[union-attr]
+            if isinstance(item, type) and issubclass(item, BaseModel):
+                out[prefix + name] = item
+    return out
+
+
+def _entry_of(key: str) -> str | None:
+    """``alerts.rules.NAME`` for a key under a mapping setting's entry, else None."""
+    for leaf in _dict_leaves():
+        if key.startswith(leaf + "."):
+            return ".".join(key.split(".")[:leaf.count(".") + 2])
+    return None
+
+
+def _under_dict_leaf(key: str) -> bool:
+    """True for ``alerts.rules.NAME`` and ``alerts.rules.NAME.KEY``."""
+    return any(key.startswith(leaf + ".") and 0 < key.count(".") - leaf.count(".") <= 2
+               for leaf in _dict_leaves())
 
 
 def env_names() -> dict[str, str]:
@@ -251,13 +285,21 @@ def _parse_scalar(text: str) -> Any:
 
 def _allowed_keys(path: Sequence[str | int]) -> str:
     model: type[BaseModel] = Config
-    for part in path[:-1]:
-        field = model.model_fields.get(str(part))
+    parts = [str(p) for p in path[:-1]]
+    i = 0
+    while i < len(parts):
+        field = model.model_fields.get(parts[i])
+        item = _dict_leaves().get(".".join(parts[:i + 1]))
+        if item is not None and i + 1 < len(parts):  # alerts.rules.NAME: the item's keys
+            model = item
+            i += 2
+            continue
         if field is None or not (isinstance(field.annotation, type)
                                  and issubclass(field.annotation, BaseModel)):
             return ""
         model = field.annotation
-    return ", ".join(model.model_fields)
+        i += 1
+    return ", ".join(info.alias or name for name, info in model.model_fields.items())
 
 
 class _Item(NamedTuple):
@@ -282,7 +324,9 @@ def _flatten(tree: Mapping[str, Any], source: str, items: list[_Item],
     leaves, sections = _leaves(Config), _sections(Config)
     for name, value in tree.items():
         key = f"{prefix}{name}"
-        if key in leaves:
+        if key in _dict_leaves() and isinstance(value, Mapping):
+            items.extend(_entries(key, value, source))
+        elif key in leaves:
             items.append(_Item(key, value, source))
         elif key in sections and isinstance(value, Mapping):
             _flatten(value, source, items, problems, key + ".")
@@ -290,6 +334,18 @@ def _flatten(tree: Mapping[str, Any], source: str, items: list[_Item],
             items.append(_Item(key, value, source))  # validation names what it must be
         else:
             problems.append(_unknown(source, key))
+
+
+def _entries(key: str, value: Mapping[str, Any], source: str) -> list[_Item]:
+    """Items of a mapping setting (``alerts.rules``), one per key of each entry, so that a
+    problem names exactly that key and sources merge key by key."""
+    out = [_Item(key, {}, source)] if not value else []
+    for name, entry in value.items():
+        if isinstance(entry, Mapping) and entry:
+            out.extend(_Item(f"{key}.{name}.{k}", v, source) for k, v in entry.items())
+        else:
+            out.append(_Item(f"{key}.{name}", entry, source))
+    return out
 
 
 def _read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -311,11 +367,17 @@ def _read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def _bad_value(err: Mapping[str, Any], item: _Item | None) -> str:
-    key = ".".join(str(p) for p in err["loc"])
+    key = ".".join(str(p) for p in err["loc"] if p != "[key]")
     msg = str(err["msg"])
     if msg.startswith("Input should be "):
         msg = "allowed: " + msg[len("Input should be "):]
+    msg = msg.removeprefix("Value error, ")
     source = item.source if item is not None else "config"
+    if err.get("type") == "extra_forbidden":
+        allowed = _allowed_keys(err["loc"])
+        return f"{source}: unknown key {key!r}" + (f"; allowed keys here: {allowed}" if allowed else "")
+    if item is not None and item.key.startswith(key + "."):  # a problem of a whole entry
+        return f"{source}: {key}: {msg}"
     if item is not None and item.key != key:  # an element of a list setting
         return f"{source}: {item.key} = {item.value!r} is not allowed ({key}: {msg})"
     return f"{source}: {key} = {err.get('input')!r} is not allowed; {msg}"
@@ -323,10 +385,13 @@ def _bad_value(err: Mapping[str, Any], item: _Item | None) -> str:
 
 def _owner(items: list[_Item], loc: Sequence[Any]) -> int | None:
     """Index of the item that set the value at ``loc`` (the last source wins)."""
-    dotted = ".".join(str(p) for p in loc)
+    dotted = ".".join(str(p) for p in loc if p != "[key]")  # "[key]": a mapping's key
     for i in range(len(items) - 1, -1, -1):
         key = items[i].key
         if dotted == key or dotted.startswith(key + "."):
+            return i
+    for i in range(len(items) - 1, -1, -1):  # an entry's own check: blame its last key
+        if items[i].key.startswith(dotted + "."):
             return i
     return None
 
@@ -382,7 +447,11 @@ def load_config(
     names = env_names()
     for var, value in environ.items():
         if var.startswith(env.PREFIX) and var in names:
-            items.append(_Item(names[var], _parse_scalar(value), var))
+            parsed = _parse_scalar(value)
+            if names[var] in _dict_leaves() and isinstance(parsed, Mapping):
+                items.extend(_entries(names[var], parsed, var))
+            else:
+                items.append(_Item(names[var], parsed, var))
     check_environment(environ)
     if overrides:
         pairs: Iterable[tuple[str, Any]]
@@ -397,10 +466,11 @@ def load_config(
                     problem(str(exc))
         leaves = _leaves(Config)
         for key, value in pairs:
-            if key in leaves:
+            if key in leaves or _under_dict_leaf(key):
                 items.append(_Item(key, value, overrides_source))
             else:
                 problem(_unknown(overrides_source, key))
+    blamed: set[str] = set()  # entries of mapping settings blamed in an earlier round
     for _ in range(len(items) + 1):
         tree: dict[str, Any] = {}
         for item in items:
@@ -416,12 +486,19 @@ def load_config(
                 raise ConfigError(_bad_value(errors[0], items[i] if i is not None else None)
                                   + extra) from None
             bad: set[int] = set()
+            entries: set[str] = set()
             for err in errors:
                 i = _owner(items, err["loc"])
                 if i is None or i in bad:
                     continue
                 bad.add(i)
+                entry = _entry_of(items[i].key)
+                if entry is not None:
+                    entries.add(entry)
+                    if entry in blamed:  # the same entry again, after its bad key went
+                        continue
                 problems.append(_bad_value(err, items[i]))
+            blamed |= entries
             if not bad:  # nothing to blame: keep the defaults rather than fail the job
                 problems.append(f"config: {errors[0]['msg']}; using the defaults")
                 config = Config()
@@ -461,6 +538,16 @@ def defaults_yaml() -> str:
                 lines.append("")
                 lines.append(f"# {pad}{name}:")
                 walk(value, indent + 1)
+                continue
+            if isinstance(value, dict) and value and all(
+                    isinstance(v, BaseModel) for v in value.values()):
+                if info.description:
+                    lines.append(f"## {pad}{info.description}")
+                lines.append(f"# {pad}{name}:")
+                for entry_name, entry in value.items():
+                    dumped = yaml.safe_dump(entry.model_dump(mode="json", exclude_defaults=True),
+                                            default_flow_style=True, sort_keys=False, width=10_000)
+                    lines.append(f"# {pad}  {entry_name}: {dumped.strip()}")
                 continue
             if info.description:
                 lines.append(f"## {pad}{info.description}")

@@ -13,6 +13,7 @@ SPECS += [
     MetricSpec("train", "step", "gauge", "count", "Training step (global) of this sample.", _JOB, "int"),
     MetricSpec("train", "epoch", "gauge", "count", "Epoch of this sample.", _JOB, "int"),
     MetricSpec("train", "loss", "gauge", "1", "Training loss.", _JOB),
+    MetricSpec("train", "loss_nonfinite", "gauge", "1", "1 when the step's loss was NaN or infinite, else 0 (written with every loss; line protocol cannot carry NaN or Inf, so the loss itself is left out of InfluxDB then).", _JOB),
     MetricSpec("train", "lr", "gauge", "1", "Learning rate.", _JOB),
     MetricSpec("train", "samples_per_second", "gauge", "count", "Training throughput in samples per second.", _JOB),
     MetricSpec("train", "tokens_per_second", "gauge", "count", "Training throughput in tokens per second.", _JOB),

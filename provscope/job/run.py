@@ -579,6 +579,11 @@ class Run:
                     scalars[key] = v
             for key in skipped or ():
                 del scalars[key]
+            loss = scalars.get("loss")
+            if isinstance(loss, float):
+                # Line protocol has no NaN/Inf, so InfluxDB never sees such a loss; this
+                # flag is what the loss_nonfinite alert and the dashboards read.
+                scalars["loss_nonfinite"] = 0.0 if loss - loss == 0.0 else 1.0
             if step is None:
                 step = self.step
             if step is not None:
