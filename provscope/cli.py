@@ -28,6 +28,7 @@ COMMAND_MODULES = (
     "provscope.commands.lineage",
     "provscope.commands.config",
     "provscope.commands.dashboards",
+    "provscope.commands.alerts",
 )
 
 
