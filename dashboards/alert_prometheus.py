@@ -22,7 +22,7 @@ from typing import Any
 from provscope.alerting import AlertRule, AlertsConfig
 from provscope.catalogue import MetricSpec, lookup
 
-__all__ = ["alert_name", "expression", "metric_name", "prometheus_rules"]
+__all__ = ["alert_name", "expression", "labels", "metric_name", "prometheus_rules"]
 
 _RESERVED_SUFFIXES = ("_count", "_sum", "_bucket")
 _ACTIVE_WINDOW = "30m"
@@ -85,14 +85,31 @@ def expression(rule: AlertRule) -> str:
     return expr
 
 
+def labels(spec: MetricSpec) -> tuple[str, ...]:
+    """The labels of a catalogued field on ``/metrics`` (``run_id`` becomes ``rank`` and
+    ``run_slot``), as ``provscope.exporters.prometheus.labels_of`` gives them."""
+    out = [t for t in spec.tags if t != "run_id"]
+    if "run_id" in spec.tags:
+        if "rank" not in out:
+            out.append("rank")
+        out.append("run_slot")
+    return tuple(out)
+
+
+def _where(names: tuple[str, ...]) -> str:
+    return " ".join(f"{n}={{{{ $labels.{n} }}}}" for n in names)
+
+
 def _annotations(name: str, rule: AlertRule) -> dict[str, str]:
     if rule.kind == "no_steps":
-        detail = (f"run slot {{{{ $labels.run_slot }}}} on {{{{ $labels.host }}}} "
-                  f"(provscope_run_info names the run): no training step for {rule.for_}")
+        detail = (f"{_where(('host', 'run_slot'))} (provscope_run_info names the run): "
+                  f"no training step for {rule.for_}")
     else:
-        detail = (f"{rule.metric}{' / ' + rule.per if rule.per else ''} on "
-                  f"{{{{ $labels.host }}}} {{{{ $labels }}}}: {{{{ $value }}}} {rule.op} "
-                  f"{rule.threshold:g}" + (f" for {rule.for_}" if rule.for_seconds else ""))
+        assert rule.metric is not None and rule.threshold is not None
+        detail = (f"{rule.metric}{' / ' + rule.per if rule.per else ''} "
+                  f"{_where(labels(_spec(rule.metric)))}: {{{{ $value | humanize }}}} "
+                  f"{rule.op} {rule.threshold:g}"
+                  + (f" for {rule.for_}" if rule.for_seconds else ""))
     return {"summary": rule.summary or name, "description": detail}
 
 

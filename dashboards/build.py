@@ -25,11 +25,11 @@ from typing import Any
 
 from grafana_foundation_sdk.builders.dashboard import Dashboard
 from grafana_foundation_sdk.cog.encoder import JSONEncoder
-
-from provscope._version import __version__
 from provscope.dashboards import layers, lineage, nodes, overview, training
 from provscope.dashboards.links import TAG
 from provscope.dashboards.versions import VERSIONS
+
+from provscope._version import __version__
 
 __all__ = [
     "BUILDERS",
