@@ -22,7 +22,7 @@ from provscope.dashboards.queries import (
     ident,
 )
 from provscope.dashboards.sqlparts import duration_s, end_ms, start_ms
-from provscope.dashboards.templating import RUN_IN_RANGE
+from provscope.dashboards.templating import run_in_range
 
 __all__ = ["build"]
 
@@ -41,7 +41,7 @@ def _runs_table() -> Table:
              "AS ranks")
     q = Sql(("r.run_id", "r.name", "r.status", "r.campaign", "r.start_time", "r.end_time",
              duration_s("r"), hosts, ranks, "r.user_name", start_ms("r"), end_ms("r")),
-            "runs r", tuple(f"r.{c}" for c in RUN_IN_RANGE), order_by=("r.start_ns DESC",),
+            "runs r", run_in_range("r"), order_by=("r.start_ns DESC",),
             limit=100)
     return (panels.table("Runs", "Runs active in the time range, newest first. A row links "
                          "to its Training and Nodes dashboards over the run's lifetime, and "
@@ -96,13 +96,13 @@ def build() -> Dashboard:
         .with_row(Row("Runs"))
         .with_panel(_count("Runs in progress", "Runs whose status is running.",
                            ("status = 'running'",)))
-        .with_panel(_count("Runs in range", "Runs active in the time range.", RUN_IN_RANGE))
+        .with_panel(_count("Runs in range", "Runs active in the time range.", run_in_range()))
         .with_panel(_count("Failed or killed in range", "Runs active in the time range "
                            "that failed or were killed.",
-                           (*RUN_IN_RANGE, "status IN ('failed', 'killed')"),
+                           (*run_in_range(), "status IN ('failed', 'killed')"),
                            steps=((1, "red"),)))
         .with_panel(_count("Interrupted in range", "Runs active in the time range that "
-                           "were interrupted.", (*RUN_IN_RANGE, "status = 'interrupted'"),
+                           "were interrupted.", (*run_in_range(), "status = 'interrupted'"),
                            steps=((1, "orange"),)))
         .with_panel(_runs_table())
         .with_panel(_throughput())

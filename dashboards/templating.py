@@ -35,6 +35,7 @@ __all__ = [
     "host_from_tasks",
     "rank_from_influx",
     "rank_from_tasks",
+    "run_in_range",
     "run_variable",
     "tag_variable",
     "task_annotation",
@@ -45,10 +46,12 @@ VARIABLES = ("run", "host", "rank", "gpu", "layer")
 
 _ALL = VariableOption(selected=True, text="All", value="$__all")
 
-#: A run belongs to the time range when its lifetime overlaps it (a run in progress has
-#: no end yet).
-RUN_IN_RANGE = ("start_time <= $__timeTo()",
-                "(end_time IS NULL OR end_time >= $__timeFrom())")
+def run_in_range(alias: str = "") -> tuple[str, ...]:
+    """SQL conditions: the run (table alias ``alias``) overlaps the time range; a run in
+    progress has no end yet."""
+    p = f"{alias}." if alias else ""
+    return (f"{p}start_time <= $__timeTo()",
+            f"({p}end_time IS NULL OR {p}end_time >= $__timeFrom())")
 
 
 def _variable(name: str, label: str, description: str, query: str,
@@ -62,7 +65,7 @@ def run_variable() -> QueryVariable:
     """``run``: runs whose lifetime overlaps the time range, newest first, shown by name."""
     q = Sql(("run_id AS __value",
              "COALESCE(name, 'run') || ' ' || left(run_id, 13) AS __text"),
-            "runs", RUN_IN_RANGE, order_by=("start_ns DESC",), limit=200)
+            "runs", run_in_range(), order_by=("start_ns DESC",), limit=200)
     return _variable("run", "Run", "Runs active in the time range (lineage store).",
                      q.text(), VariableSort.DISABLED).datasource(LINEAGE)
 

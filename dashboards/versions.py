@@ -13,7 +13,7 @@ __all__ = ["VERSIONS"]
 
 #: uid -> (content version, content digest).
 VERSIONS: dict[str, tuple[int, str]] = {
-    "provscope-overview": (1, "b4bf823de718d366"),
+    "provscope-overview": (2, "058a31d2fdcb3710"),
     "provscope-training": (1, "1a0e8d934d0ebcf5"),
     "provscope-layers": (1, "8b45364b791ba0ca"),
     "provscope-nodes": (1, "8f798b8ddb886b23"),
