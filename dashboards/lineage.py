@@ -7,9 +7,11 @@ window (``(run_id, host, rank, start, end)`` names a row's series, docs/lineage.
 from __future__ import annotations
 
 from grafana_foundation_sdk.builders import statetimeline as st
-from grafana_foundation_sdk.builders.dashboard import Dashboard, DashboardLink, Row
+from grafana_foundation_sdk.builders.dashboard import Dashboard, Row
 from grafana_foundation_sdk.builders.table import Panel as Table
+from grafana_foundation_sdk.cog import builder as cogbuilder
 from grafana_foundation_sdk.models import common
+from grafana_foundation_sdk.models.dashboard import DashboardLink as DashboardLinkModel
 from grafana_foundation_sdk.models.dashboard import DataTransformerConfig, GridPos
 from provscope.dashboards import panels
 from provscope.dashboards.base import dashboard
@@ -30,7 +32,7 @@ _TASKS = (sql_in("t.run_id", "run"), sql_in("t.host", "host"), sql_in("t.rank", 
 _TASK_VARS = {"run": "run_id", "host": "host", "rank": "rank"}
 
 
-def _task_links() -> list[DashboardLink]:
+def _task_links() -> list[cogbuilder.Builder[DashboardLinkModel]]:
     return [row_link("Training in this task's window", TRAINING, _TASK_VARS),
             row_link("Layers in this task's window", LAYERS, _TASK_VARS),
             row_link("Nodes in this task's window", NODES, _TASK_VARS)]
