@@ -176,8 +176,25 @@ def test_log_writes_a_train_point_tagged_by_run_host_rank_with_step_as_field(mem
     [point] = records(memory, Point)
     assert point.measurement == "train"
     assert point.tags == {"run_id": run.run_id, "host": run.host, "rank": "0"}
-    assert point.fields == {"step": 3, "loss": 0.25, "lr": 1e-3, "note": "warmup"}
+    assert point.fields == {"step": 3, "loss": 0.25, "loss_nonfinite": 0.0, "lr": 1e-3,
+                            "note": "warmup"}
     assert run.errors == 1  # the unconvertible value was skipped and counted
+
+
+def test_a_nan_or_infinite_loss_is_flagged_in_a_field_line_protocol_can_carry(memory):
+    """InfluxDB cannot store NaN/Inf, so the loss_nonfinite alert reads this flag."""
+    from provscope.exporters.influxdb.lineprotocol import encode_point
+
+    with provscope.workflow("nan") as run:
+        run.log(step=1, loss=float("nan"))
+        run.log(step=2, loss=float("inf"))
+        run.log(step=3, loss=2.0)
+        run.log(step=4, lr=0.1)
+    points = records(memory, Point)
+    flags = {p.fields["step"]: p.fields.get("loss_nonfinite") for p in points}
+    assert flags == {1: 1.0, 2: 1.0, 3: 0.0, 4: None}
+    line = encode_point(points[0])
+    assert "loss_nonfinite=1" in line and "loss=" not in line.replace("loss_nonfinite", "")
 
 
 def test_steps_log_step_time_and_record_sampled_step_tasks(memory):

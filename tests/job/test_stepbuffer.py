@@ -152,7 +152,7 @@ def test_log_without_any_step_is_written_at_once(memory):
     with provscope.workflow("nostep") as run:
         run.log(loss=1.0)
         assert run.step_buffer.written == 0
-    assert [p for p in _train_points(memory)] == [{"loss": 1.0}]
+    assert [p for p in _train_points(memory)] == [{"loss": 1.0, "loss_nonfinite": 0.0}]
 
 
 def test_flush_writes_the_open_step(memory):
