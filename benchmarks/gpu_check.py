@@ -305,8 +305,10 @@ def build_lm(cfg: LMConfig, device: str, dtype: Any = None, seed: int = 0
             self.blocks = nn.TransformerEncoder(layer, cfg.layers, enable_nested_tensor=False)
             self.norm = nn.LayerNorm(cfg.d_model)
             self.head = nn.Linear(cfg.d_model, cfg.vocab, bias=False)
-            self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(cfg.seq),
-                                 persistent=False)
+            # A boolean causal mask (True: masked): attention converts it to the query's
+            # dtype, so it fits bf16 weights and fp16 autocast alike.
+            causal = torch.ones(cfg.seq, cfg.seq, dtype=torch.bool).triu(1)
+            self.register_buffer("mask", causal, persistent=False)
 
         def forward(self, tokens: torch.Tensor) -> torch.Tensor:
             pos = torch.arange(tokens.shape[1], device=tokens.device)
@@ -500,11 +502,12 @@ def check_memory(ctx: Ctx) -> list[dict[str, Any]]:
 class Worker:
     """A worker process of this script, spoken to in lines (``TAG``-prefixed replies)."""
 
-    def __init__(self, args: list[str], name: str, env: Mapping[str, str] | None = None) -> None:
+    def __init__(self, args: list[str], name: str, cwd: Path,
+                 env: Mapping[str, str] | None = None) -> None:
         self.name = name
         self.proc = subprocess.Popen(
             [sys.executable, str(Path(__file__).resolve()), *args], stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE, text=True, bufsize=1, cwd=str(REPO),
+            stdout=subprocess.PIPE, text=True, bufsize=1, cwd=str(cwd),
             env=dict(env) if env is not None else None)
         self._lines: queue.Queue[str | None] = queue.Queue()
         threading.Thread(target=self._read, name=f"gpu-check-{name}", daemon=True).start()
@@ -555,7 +558,8 @@ def check_overhead(ctx: Ctx) -> list[dict[str, Any]]:
     """Total-time ratio, instrumented over bare, every 10 steps and every step."""
     common = ["--device", ctx.device, "--tmp", str(ctx.tmp)] + (["--cpu-dry-run"] if ctx.dry
                                                                  else [])
-    workers = {kind: Worker(["--worker", f"overhead-{kind}", *common], f"overhead-{kind}")
+    workers = {kind: Worker(["--worker", f"overhead-{kind}", *common], f"overhead-{kind}",
+                            ctx.tmp)
                for kind in ("bare", "inst")}
     out: list[dict[str, Any]] = []
     try:
@@ -763,7 +767,6 @@ def check_gradscaler(ctx: Ctx) -> list[dict[str, Any]]:
     has_scaler = "scaler" in inspect.signature(provscope.watch).parameters
     model, opt, data = build_lm(cfg, ctx.device, torch.float32)  # fp32 master weights
     scaler = torch.amp.GradScaler(ctx.device)
-    amp_dtype = torch.float16 if ctx.cuda else torch.bfloat16
     steps, forced = 8, 4
     truth: list[int] = []
     db = ctx.tmp / "gradscaler.db"
@@ -773,7 +776,7 @@ def check_gradscaler(ctx: Ctx) -> list[dict[str, Any]]:
         watcher = provscope.watch(model, every=10, optimizer=opt, **kwargs)
         for step, _ in run.steps(range(steps)):
             opt.zero_grad(set_to_none=True)
-            with torch.autocast(ctx.device, dtype=amp_dtype):
+            with torch.autocast(ctx.device, dtype=torch.float16):
                 loss = lm_loss(model, data[step % 4], cfg.vocab)
             scaler.scale(loss).backward()
             if step == forced:
@@ -965,7 +968,7 @@ def check_energy(ctx: Ctx) -> list[dict[str, Any]]:
                            gpus=count)]
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="1")
     worker = Worker(["--worker", "energy", "--device", "cuda", "--tmp", str(ctx.tmp)],
-                    "energy", env=env)
+                    "energy", ctx.tmp, env=env)
     try:
         result = json.loads(worker.ask(None, "result", timeout_s=300))
     finally:
