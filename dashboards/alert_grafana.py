@@ -109,6 +109,7 @@ def active_query(rule: AlertRule) -> str:
     """InfluxQL of query ``D``: samples of a job's processes per minute, averaged over the
     last minute and the minute under way; 0 for what was active in the last 30 minutes
     and is not now."""
+    tags: tuple[str, ...]
     if rule.kind == "no_steps":
         measurement, field, tags = "process", "rss_bytes", ("run_id", "host")
     elif "gpu" in _spec(rule.metric or "").tags:
