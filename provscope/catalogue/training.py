@@ -17,7 +17,8 @@ SPECS += [
     MetricSpec("train", "lr", "gauge", "1", "Learning rate.", _JOB),
     MetricSpec("train", "samples_per_second", "gauge", "count", "Training throughput in samples per second.", _JOB),
     MetricSpec("train", "tokens_per_second", "gauge", "count", "Training throughput in tokens per second.", _JOB),
-    MetricSpec("train", "step_time_seconds", "gauge", "seconds", "Wall time of one training step.", _JOB),
+    MetricSpec("train", "step_time_seconds", "gauge", "seconds", "Time of one training step: wall time on the CPU; on a GPU the device time between the step ends (CUDA events), from the step's first forward after a sampled step.", _JOB),
+    MetricSpec("train", "optimizer_step_skipped", "gauge", "1", "1 when the step's optimizer step was skipped (a GradScaler found Inf/NaN gradients), else 0; written when watch() is given scaler=.", _JOB, "int"),
     MetricSpec("train", "grad_norm", "gauge", "1", "Global gradient norm before clipping.", _JOB),
     MetricSpec("train", "eval_loss", "gauge", "1", "Loss on the evaluation set.", _JOB),
 ]
@@ -37,7 +38,7 @@ SPECS += [
     MetricSpec("layer", "forward_seconds", "gauge", "seconds", "Forward time of the layer in the sampled step (all calls summed).", _LAYER),
     MetricSpec("layer", "backward_seconds", "gauge", "seconds", "Backward time of the layer: output gradient ready to input gradient ready.", _LAYER),
     MetricSpec("layer", "grad_norm", "gauge", "1", "L2 norm of the gradients of the layer's own parameters.", _LAYER),
-    MetricSpec("layer", "weight_norm", "gauge", "1", "L2 norm of the layer's own parameters after the step.", _LAYER),
+    MetricSpec("layer", "weight_norm", "gauge", "1", "L2 norm of the layer's own trainable floating-point parameters after the step (under FSDP or tensor parallelism: of this rank's shard).", _LAYER),
     MetricSpec("layer", "update_ratio", "gauge", "ratio", "||W_after - W_before|| / ||W_after|| around the optimizer step (the relative size of the update).", _LAYER),
     MetricSpec("layer", "memory_allocated_delta_bytes", "gauge", "bytes", "CUDA memory allocated during the layer's forward (can be negative).", _LAYER, "int"),
     MetricSpec("layer_param", "step", "gauge", "count", "Training step of the parameter statistics.", _PARAM, "int"),

@@ -50,12 +50,47 @@ class Layer:
 
     ``params`` are ``(name, tensor)`` pairs; a parameter shared by several modules (tied
     weights) belongs to the first module that owns it, so norms are never counted twice.
+    ``hooks`` says how its forward is observed: ``"module"`` (forward hooks on ``module``),
+    ``"call"`` (``module`` was compiled with ``module.compile()``: its hooks would run
+    inside the compiled code, so its compiled call is wrapped instead) or ``"none"`` (it
+    runs inside compiled code: parameter statistics only).
     """
 
     name: str
     module: nn.Module
     module_type: str
     params: tuple[tuple[str, nn.Parameter], ...]
+    hooks: str = "module"
+
+    @property
+    def hookable(self) -> bool:
+        """Forward hooks go on ``module`` on sampled steps."""
+        return self.hooks == "module"
+
+
+def is_optimized_module(module: Any) -> bool:
+    """A ``torch.compile(module)`` wrapper (``OptimizedModule``)."""
+    return type(module).__name__ == "OptimizedModule" and hasattr(module, "_orig_mod")
+
+
+def compiled_by_method(module: Any) -> bool:
+    """Compiled in place with ``module.compile()``."""
+    return getattr(module, "_compiled_call_impl", None) is not None
+
+
+def compiled_inside(model: nn.Module) -> set[int]:
+    """Ids of the modules whose forward runs inside compiled code: everything under a
+    ``torch.compile`` wrapper, and a ``module.compile()``-compiled module with its subtree
+    (hooks of those would be traced into the graph: graph breaks or recompiles)."""
+    inside: set[int] = set()
+    for module in model.modules():
+        if id(module) in inside:
+            continue
+        if is_optimized_module(module):
+            inside.update(id(m) for m in module._orig_mod.modules())
+        elif compiled_by_method(module):
+            inside.update(id(m) for m in module.modules())
+    return inside
 
 
 def unwrap(model: nn.Module) -> tuple[nn.Module, str | None]:
@@ -134,10 +169,19 @@ def select_layers(
     if depth is not None and (not isinstance(depth, int) or depth < 1):
         raise ConfigError(f"watch(depth=...): {depth!r} is not an integer >= 1")
     match = _matcher(layers)
+    inside = compiled_inside(model)
     chosen: list[tuple[str, nn.Module]] = []
-    for name, module in model.named_modules():
-        if not name or isinstance(module, _script_types()):
+    boundaries: dict[str, nn.Module] = {}  # clean name -> module observed from outside
+    for raw_name, module in model.named_modules():
+        if not raw_name or isinstance(module, _script_types()):
             continue
+        name = _clean(raw_name)
+        if is_optimized_module(module) or (compiled_by_method(module) and
+                                           not _inside_parent(model, raw_name, inside)):
+            boundaries[name] = module
+        if raw_name.endswith("_orig_mod") and name in boundaries and \
+                next(module.children(), None) is not None:
+            continue  # the compiled module itself: its wrapper stands for it
         level = name.count(".") + 1
         if depth is not None and level > depth:
             continue
@@ -148,7 +192,13 @@ def select_layers(
             ok = ok and match(name)
         elif depth is None:
             ok = ok and not isinstance(module, _PASS_THROUGH)
-        if ok:
+        if ok and not is_optimized_module(module):
+            chosen.append((name, module))
+    # Compiled blocks are watched from outside their compiled code, as one layer each.
+    taken = {name for name, _ in chosen}
+    for name, module in boundaries.items():
+        if (match is None or match(name)) and (depth is None or name.count(".") < depth) \
+                and name not in taken:
             chosen.append((name, module))
     if not chosen and next(model.parameters(), None) is not None and match is None:
         chosen = [("", model)]  # a model with no submodules is its own single layer
@@ -163,15 +213,46 @@ def select_layers(
     seen: set[int] = set()
     out = []
     for name, module in chosen:
+        target = module
+        if name in boundaries:
+            target = boundaries[name]
+        elif is_optimized_module(module):
+            target = module
         params = []
-        for pname, param in module.named_parameters(recurse=depth is not None):
+        owner = target._orig_mod if is_optimized_module(target) else target
+        recurse = depth is not None or (is_optimized_module(target)
+                                         and next(owner.children(), None) is None)
+        for pname, param in owner.named_parameters(recurse=recurse):
             if id(param) in seen:
                 continue
             seen.add(id(param))
             params.append((pname, param))
-        out.append(Layer(name or type(module).__name__, module, type(module).__name__,
-                         tuple(params)))
+        if is_optimized_module(target):
+            hooks = "module"  # the wrapper's own hooks run outside the compiled code
+        elif compiled_by_method(target):
+            hooks = "call"
+        elif id(target) in inside:
+            hooks = "none"
+        else:
+            hooks = "module"
+        inner = owner if is_optimized_module(target) else target
+        out.append(Layer(name or type(inner).__name__, target, type(inner).__name__,
+                         tuple(params), hooks))
     return out
+
+
+def _clean(name: str) -> str:
+    """A module name without the ``_orig_mod`` steps of ``torch.compile`` wrappers, so a
+    layer keeps its name whether or not its block is compiled."""
+    return ".".join(part for part in name.split(".") if part != "_orig_mod")
+
+
+def _inside_parent(model: nn.Module, name: str, inside: set[int]) -> bool:
+    """The parent of module ``name`` already runs compiled."""
+    parent = name.rpartition(".")[0]
+    if not parent:
+        return id(model) in inside
+    return id(model.get_submodule(parent)) in inside
 
 
 def _script_types() -> tuple[type, ...]:

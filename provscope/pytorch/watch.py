@@ -20,6 +20,7 @@ logged once per kind, and never reaches the training step.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -33,12 +34,15 @@ from torch import nn
 from provscope import jsonsafe
 from provscope.errors import ConfigError
 from provscope.job.stepbuffer import StepBuffer
+from provscope.pytorch import compiled
 from provscope.pytorch.batch import BatchCounter
 from provscope.pytorch.hooks import Hook, HookErrors
 from provscope.pytorch.layers import LayerSampler
 from provscope.pytorch.model import (
     Layer,
     architecture_digest,
+    compiled_by_method,
+    compiled_inside,
     describe_model,
     model_entity_id,
     select_layers,
@@ -116,8 +120,9 @@ class Watcher:
         batch_dim: int | None = None,
         seq_len: int | None = None,
         scalars: bool = True,
-        snapshot_max_bytes: int = 256 * 2**20,
+        snapshot_max_bytes: int | None = None,
         start_step: int = 0,
+        scaler: Any = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ConfigError(f"watch(): model is a {type(model).__name__}, not a torch.nn.Module")
@@ -127,11 +132,20 @@ class Watcher:
             raise ConfigError(
                 f"watch(optimizer=...): a {type(optimizer).__name__} is not a torch.optim.Optimizer"
             )
+        if scaler is not None:
+            if optimizer is None:
+                raise ConfigError("watch(scaler=...): needs optimizer= too (the scaler skips "
+                                  "that optimizer's steps)")
+            if not callable(getattr(scaler, "step", None)) or not hasattr(scaler, "update"):
+                raise ConfigError(f"watch(scaler=...): a {type(scaler).__name__} is not a "
+                                  "torch.amp.GradScaler")
         self._emit = emit
         self._run = run
         self.root = model
         self.inner, self.compiled_reason = unwrap(model)
         self._layers: list[Layer] = select_layers(self.inner, layers, depth, max_layers)
+        if self.compiled_reason:  # the whole model runs compiled: no hook inside it
+            self._layers = [dataclasses.replace(layer, hooks="none") for layer in self._layers]
         self.layers = [layer.name for layer in self._layers]
         self.every = every
         self.optimizer = optimizer
@@ -141,7 +155,14 @@ class Watcher:
         self.emit_errors = 0
         self._errors = HookErrors()
         self._lock = threading.Lock()
-        self._hooks_allowed = self.compiled_reason is None
+        inside = compiled_inside(self.inner)
+        self._hooks_allowed = self.compiled_reason is None and not inside
+        self._compiled_layers = [layer for layer in self._layers if layer.hooks == "call"]
+        if inside and not self.compiled_reason:
+            self.compiled_reason = (
+                "parts of the model are compiled: layers inside compiled code get parameter "
+                "statistics only; each compiled block is timed and its output described "
+                "from outside its compiled code")
 
         device = next((p.device for p in self.inner.parameters()), torch.device("cpu"))
         cuda = device.type == "cuda"
@@ -152,11 +173,17 @@ class Watcher:
         self._batch = BatchCounter(self.inner, batch_size=batch_size, batch_dim=batch_dim,
                                    seq_len=seq_len, hooks_allowed=self._hooks_allowed,
                                    errors=self._errors)
+        if snapshot_max_bytes is None:
+            # The update ratio's weight copy stays within 5 % of the watched weights plus
+            # 32 MiB; bigger models get it for a rotating subset of layers.
+            trainable = sum(p.numel() * p.element_size() for layer in self._layers
+                            for _, p in layer.params
+                            if p.requires_grad and p.is_floating_point())
+            snapshot_max_bytes = trainable // 20 + 32 * 2**20
         self._sampler = LayerSampler(
             self._layers, tags=base, device=device, log_params=log_params,
-            per_param=per_param,
-            log_memory=cuda if log_memory is None else bool(log_memory and cuda),
-            hooks_allowed=self._hooks_allowed, has_optimizer=optimizer is not None,
+            per_param=per_param, log_memory=log_memory, hooks_allowed=True,
+            has_optimizer=optimizer is not None,
             snapshot_max_bytes=snapshot_max_bytes, errors=self._errors, send=self._send)
         all_params: list[nn.Parameter] = (
             [p for group in optimizer.param_groups for p in group["params"]]
@@ -174,11 +201,22 @@ class Watcher:
             optimizer=optimizer, all_params=all_params,
             watched_pos=[pos.get(id(p)) for _, _, p in self._sampler.params],
             sampler=self._sampler, batch=self._batch, every=every, scalars=scalars,
-            cuda=cuda, errors=self._errors, start_step=start_step)
+            cuda=cuda, errors=self._errors, start_step=start_step, scaler=scaler)
 
-        self._permanent: list[Any] = [
-            model.register_forward_pre_hook(Hook(self._clock.on_root_forward), with_kwargs=True)
-        ]
+        self._permanent: list[Any] = []
+        self._wrapped: list[nn.Module] = []
+        if compiled_by_method(model):
+            # Its hooks would run inside the compiled code: mark steps from outside it.
+            compiled.install(model, pre=Hook(self._clock.on_root_forward))
+            self._wrapped.append(model)
+        else:
+            self._permanent.append(model.register_forward_pre_hook(
+                Hook(self._clock.on_root_forward), with_kwargs=True))
+        for i, layer in enumerate(self._layers):
+            if layer.hooks == "call":
+                compiled.install(layer.module, pre=self._sampler.call_pre[i],
+                                 post=self._sampler.call_post[i])
+                self._wrapped.append(layer.module)
         if optimizer is not None:
             self._permanent.append(
                 optimizer.register_step_pre_hook(Hook(self._clock.on_optimizer_pre)))
@@ -235,7 +273,10 @@ class Watcher:
         attrs.update({
             "layers_watched": len(self._layers),
             "every": self.every,
-            "layer_hooks": "on" if self._hooks_allowed else f"skipped: {self.compiled_reason}",
+            "layer_hooks": "on" if not self.compiled_reason else (
+                f"partial: {self.compiled_reason}" if any(
+                    layer.hooks != "none" for layer in self._layers)
+                else f"skipped: {self.compiled_reason}"),
         })
         if hyperparameters:
             attrs["hyperparameters"] = jsonsafe.jsonable(hyperparameters, jsonsafe.CONFIG)
@@ -314,6 +355,12 @@ class Watcher:
             except Exception as exc:
                 self._errors("hook removal", exc)
         self._permanent.clear()
+        for module in self._wrapped:
+            try:
+                compiled.uninstall(module)
+            except Exception as exc:
+                self._errors("hook removal", exc)
+        self._wrapped.clear()
         if self._own_buffer:
             self._buffer.complete()
         with _WATCHERS_LOCK:
@@ -346,7 +393,8 @@ def watch(
     batch_dim: int | None = None,
     seq_len: int | None = None,
     scalars: bool = True,
-    snapshot_max_bytes: int = 256 * 2**20,
+    snapshot_max_bytes: int | None = None,
+    scaler: Any = None,
     hyperparameters: dict[str, Any] | None = None,
     run: Any = None,
     emit: Callable[[Any], Any] | None = None,
@@ -377,8 +425,12 @@ def watch(
         scalars: add the step's training scalars (step time when no ``run.steps()`` loop
             measures it, samples/s, tokens/s, lr, grad norm) to its ``train`` point.
         snapshot_max_bytes: most bytes of weights copied per sampled step for the update
-            ratio (default 256 MiB); bigger models get the ratio for a rotating subset of
-            whole layers each sampled step, layers bigger than this never.
+            ratio (default: 5 % of the watched trainable weights plus 32 MiB); bigger models
+            get the ratio for a rotating subset of whole layers each sampled step, layers
+            bigger than this never.
+        scaler: the ``torch.amp.GradScaler`` of the loop: a step whose optimizer step it
+            skipped (Inf/NaN gradients) is still ended, with ``optimizer_step_skipped`` = 1
+            on its ``train`` point (0 on the others). Its ``step`` is wrapped while watched.
         hyperparameters: recorded on the model entity.
         run: the run to write to (default: the current run; outside any workflow the
             implicit run, as for ``provscope.log``).
@@ -424,7 +476,7 @@ def watch(
         layers=layers, depth=depth, max_layers=max_layers, log_params=log_params,
         per_param=per_param, log_memory=log_memory, optimizer=optimizer,
         batch_size=batch_size, batch_dim=batch_dim, seq_len=seq_len, scalars=scalars,
-        snapshot_max_bytes=snapshot_max_bytes,
+        snapshot_max_bytes=snapshot_max_bytes, scaler=scaler,
         start_step=previous.step if previous is not None else 0,
     )
     if not active:

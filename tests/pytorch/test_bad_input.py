@@ -139,16 +139,18 @@ def test_frozen_and_parameter_free_modules():
         p.requires_grad_(False)
     _, records = _run_steps(model, torch.randn(6, 4))
     layers = _layers(records)
-    assert "grad_norm" not in layers["0"] and "weight_norm" in layers["0"]
+    # A frozen weight never changes: no norm is taken of it each sampled step.
+    assert "grad_norm" not in layers["0"] and "weight_norm" not in layers["0"]
+    assert "activation_mean" in layers["0"]
     assert "grad_norm" not in layers["1"] and "activation_mean" in layers["1"]
     assert layers["2"]["grad_norm"] > 0
 
 
 def test_a_failing_statistic_is_counted_and_logged_once(monkeypatch, caplog):
-    def broken(x):
+    def broken(self, layer, x):
         raise RuntimeError("device lost")
 
-    monkeypatch.setattr(torch_stats, "activation_moments", broken)
+    monkeypatch.setattr(torch_stats.ActivationStats, "add", broken)
     caplog.set_level(logging.WARNING, logger="provscope.torch")
     w, records = _run_steps(nn.Sequential(nn.Linear(4, 4), nn.Tanh()), torch.randn(2, 4),
                             steps=3)
