@@ -36,6 +36,7 @@ from provscope.exporters.pipeline import Pipeline
 
 from provscope.destinations import absolute_paths, describe, destinations
 from provscope.errors import ProvscopeError
+from provscope.safefs import open_private, private_dir
 from provscope.wire import socket_path
 
 if TYPE_CHECKING:
@@ -58,11 +59,18 @@ def pidfile_path(sock: Path) -> Path:
 
 
 def read_pid(sock: Path) -> int | None:
-    """The pid written in the agent's pid file, or None."""
+    """The pid written in the agent's pid file, or None (also for a pid file that is a
+    symlink or another user's: ``provscope stop`` must never signal a planted pid)."""
     try:
-        return int(pidfile_path(sock).read_text().strip() or "0") or None
+        fd = open_private(pidfile_path(sock), os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        return int(os.read(fd, 64).decode().strip() or "0") or None
     except (OSError, ValueError):
         return None
+    finally:
+        os.close(fd)
 
 
 class Agent:
@@ -110,12 +118,12 @@ class Agent:
     # ---------------------------------------------------------------- lock
 
     def _take_lock(self) -> None:
-        directory = self.socket_path.parent
-        if not directory.exists():
-            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-            os.chmod(directory, 0o700)
+        # The directory may be a shared temp directory's <tmp>/provscope-<uid>: another
+        # user could have made it first or planted agent.pid as a symlink to a file of
+        # ours (or root's). Refused before anything is written (provscope.safefs).
+        private_dir(self.socket_path.parent)
         path = pidfile_path(self.socket_path)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        fd = open_private(path, os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:

@@ -20,6 +20,7 @@ import errno
 import logging
 import os
 import socket
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -30,6 +31,7 @@ from provscope.agent.peer import agent_pid, peer_pid
 
 from provscope import wire as fr
 from provscope.records import Point
+from provscope.safefs import UnsafePath, private_dir
 
 __all__ = ["IngestServer"]
 
@@ -94,14 +96,15 @@ class IngestServer:
 
     def start(self) -> None:
         """Bind, listen and start accepting (returns at once)."""
-        directory = self.path.parent
-        if not directory.exists():
-            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-            os.chmod(directory, 0o700)
+        private_dir(self.path.parent)  # owner-only, ours, not a symlink (provscope.safefs)
         if self.path.exists() or self.path.is_symlink():
             if _listening(self.path):
                 raise OSError(errno.EADDRINUSE, f"an agent already listens on {self.path}")
-            self.path.unlink()  # stale socket of an agent that died
+            mode = os.lstat(self.path).st_mode
+            if not stat.S_ISSOCK(mode):  # never delete a file someone put in its place
+                raise UnsafePath(f"{self.path} exists and is not a socket; remove it or set "
+                                 f"agent.socket_path")
+            self.path.unlink()  # stale socket of an agent that died (unlink: not followed)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old = os.umask(0o177)  # the file is created 0600; no window where others can connect
         try:

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from provscope.exporters.base import ExportResult
 
 from provscope.records import Point
+from provscope.safefs import private_sqlite
 
 if TYPE_CHECKING:
     from provscope.config import Config
@@ -125,7 +126,7 @@ class EmbeddedPointsExporter:
             # A forked child must not share the parent's SQLite handle (or its locks).
             self._conn, self._pid = None, os.getpid()
         if self._conn is None:
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            private_sqlite(self.path)  # 0600 file (and so WAL/SHM), parents created
             conn = sqlite3.connect(self.path, timeout=self._busy_ms / 1000,
                                    check_same_thread=False, isolation_level=None)
             try:

@@ -38,11 +38,23 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from provscope.safefs import open_private, private_dir
+
 __all__ = ["Spool", "SpoolBusy"]
 
 _MAGIC = 0x50535031  # "PSP1"
 _HEADER = struct.Struct("<IIII")
 _ACK = struct.Struct("<Q")
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Replace the contents of a small owner-only file (an ``.ack``) without following
+    a symlink."""
+    fd = open_private(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
 
 
 class SpoolBusy(OSError):
@@ -78,10 +90,11 @@ class Spool:
         if max_bytes <= 0:
             raise ValueError(f"spool max_bytes must be > 0, got {max_bytes}")
         self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
+        # Owner-only and verified (provscope.safefs): spooled batches are the job's data.
+        private_dir(self.directory)
         self.max_bytes = max_bytes
         self.segment_bytes = segment_bytes or max(64 << 10, min(64 << 20, max_bytes // 16))
-        self._lock_fd = os.open(self.directory / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        self._lock_fd = open_private(self.directory / "lock", os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -175,7 +188,8 @@ class Spool:
         seq = self._next_seq
         self._next_seq += 1
         path = self.directory / f"{seq:020d}.seg"
-        self._writer = open(path, "ab")  # noqa: SIM115 - kept open across appends
+        fd = open_private(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)  # 0600, no symlink
+        self._writer = os.fdopen(fd, "ab")  # kept open across appends
         seg = _Segment(seq, path, 0, 0, 0, 0)
         self._segments.append(seg)
         return seg
@@ -268,7 +282,7 @@ class Spool:
                 self._seal()
                 self._delete(seg)
             else:
-                seg.path.with_suffix(".ack").write_bytes(_ACK.pack(seg.read_pos))
+                _write_private(seg.path.with_suffix(".ack"), _ACK.pack(seg.read_pos))
 
     # ------------------------------------------------------------------ state
 

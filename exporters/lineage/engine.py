@@ -21,6 +21,7 @@ from provscope.destinations import safe_url  # the one helper; re-exported here
 from provscope.errors import ConfigError
 from provscope.forking import reset_in_child
 from provscope.jsonsafe import dumps as json_dumps  # the JSON columns' serialiser
+from provscope.safefs import private_sqlite
 
 __all__ = [
     "SCHEMES",
@@ -42,7 +43,7 @@ def _sqlite_path(url: sa.URL) -> str | None:
 def _sqlite_engine(url: sa.URL, *, writer: bool, busy_timeout_ms: int) -> Engine:
     path = _sqlite_path(url)
     if writer and path:
-        Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        private_sqlite(Path(path).expanduser())  # 0600 file (and so WAL/SHM), parents created
     kwargs: dict[str, Any] = {
         "connect_args": {"check_same_thread": False, "timeout": busy_timeout_ms / 1000},
         "json_serializer": json_dumps,

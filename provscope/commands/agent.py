@@ -119,8 +119,10 @@ def _detach(config) -> int:
     from provscope.wire import socket_path
 
     sock = socket_path(config)
+    from provscope.safefs import open_private, private_dir
+
     log_path = sock.with_name("agent.log")
-    sock.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    private_dir(sock.parent)  # refused (one line) when not ours, open to others or a link
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # first child: new session, fork again so the agent is no session leader
@@ -130,7 +132,7 @@ def _detach(config) -> int:
             os._exit(0)
         code = 1
         try:
-            fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            fd = open_private(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
             null = os.open(os.devnull, os.O_RDONLY)
             os.dup2(null, 0)
             os.dup2(fd, 1)

@@ -26,6 +26,7 @@ from provscope.bounded import QueueWorker
 from provscope.forking import reset_in_child
 from provscope.job.identity import env_rank
 from provscope.records import Point
+from provscope.safefs import trusted_socket
 from provscope.wire import socket_path
 
 if TYPE_CHECKING:
@@ -34,6 +35,16 @@ if TYPE_CHECKING:
 __all__ = ["AgentClient"]
 
 log = logging.getLogger("provscope.client")
+
+_untrusted_reported: set[str] = set()
+
+
+def _warn_untrusted(line: str) -> None:
+    """One warning per process and socket problem: the job runs on with its own stores."""
+    if line not in _untrusted_reported:
+        _untrusted_reported.add(line)
+        log.warning("provscope: %s", line)
+
 
 _FIRST_RECONNECT_S = 0.05  # backoff window of the first reconnect attempt
 
@@ -103,6 +114,13 @@ class AgentClient(QueueWorker):
             (or the connection fails in any way).
         """
         path = socket_path(config)
+        try:
+            trusted_socket(path)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:  # planted by another user, or in a directory others can write
+            _warn_untrusted(str(exc))
+            return None
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.setblocking(False)
         try:
