@@ -31,6 +31,7 @@ from provscope.agent.collectors.net import NetCollector
 from provscope.agent.collectors.nvml import NvmlCollector
 from provscope.agent.collectors.process import ProcessCollector, WatchList
 from provscope.agent.ingest import IngestServer
+from provscope.agent.reaper import Reaper
 from provscope.agent.scheduler import Scheduled, Scheduler
 from provscope.exporters.pipeline import Pipeline
 
@@ -114,6 +115,7 @@ class Agent:
         self.filesystem: FilesystemCollector | None = None
         self.health: HealthCollector | None = None
         self._stopped = False
+        self.reaper: Reaper | None = None
 
     # ---------------------------------------------------------------- lock
 
@@ -220,9 +222,19 @@ class Agent:
         )
         self.scheduler.start()
         self.ingest.start()
+        self._start_reaper()
         log.info("agent started: pid %d, socket %s, host %s", self.pid, self.socket_path,
                  self.host)
         log.info("records go to: %s", describe(self.where()))
+
+    def _start_reaper(self) -> None:
+        """Mark runs whose heartbeat stopped as lost in the agent's lineage store."""
+        assert self.pipeline is not None
+        for proc in self.pipeline.processors:
+            store = getattr(proc.exporter, "store", None)
+            if callable(getattr(store, "mark_lost", None)):
+                self.reaper = Reaper(store, self.config.lineage.lost_after_s).start()
+                return
 
     # ---------------------------------------------------------------- ingest hooks
 
@@ -313,6 +325,8 @@ class Agent:
             self.ingest.stop(min(2.0, left()))
         if self.scheduler is not None:
             self.scheduler.stop(min(2.0, left()))
+        if self.reaper is not None:
+            self.reaper.stop(min(1.0, left()))
         if self.pipeline is not None:
             self.pipeline.flush(left() * 0.8)
             self.pipeline.shutdown(left())

@@ -17,17 +17,26 @@ from __future__ import annotations
 import difflib
 import logging
 import os
+import re
 import socket
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from provscope import env
 from provscope.alerting import AlertsConfig
 from provscope.errors import ConfigError
+from provscope.redact import (
+    DEFAULT_NAMES,
+    MASK,
+    install_log_filter,
+    is_secret_name,
+    mask_url,
+    remember,
+)
 
 __all__ = [
     "AgentConfig",
@@ -47,6 +56,45 @@ __all__ = [
 ]
 
 
+def _check_url(v: str | None, schemes: tuple[str, ...], example: str) -> str | None:
+    """A URL setting: a scheme this setting takes, ``://`` and a host (or a path for
+    sqlite). Raises ValueError with what is allowed (the message never carries the URL:
+    it may hold a password)."""
+    if v is None:
+        return None
+    v = v.strip()
+    m = re.match(r"^([A-Za-z][\w+.-]*)://(.*)$", v, re.S)
+    scheme = m.group(1).lower().split("+")[0] if m else ""
+    if not m or scheme not in schemes:
+        raise ValueError(f"allowed: a URL {' or '.join(s + '://' for s in schemes)}..., "
+                         f"e.g. {example}")
+    rest = m.group(2)
+    if scheme == "sqlite":
+        if not rest.startswith("/") or len(rest) < 2:
+            raise ValueError(f"allowed: sqlite:///PATH.db (relative) or sqlite:////ABS/PATH.db, "
+                             f"e.g. {example}")
+        return v
+    host = rest.split("/", 1)[0].split("?", 1)[0].rpartition("@")[2]
+    if not host or host.startswith(":"):
+        raise ValueError(f"allowed: a URL with a host, e.g. {example}")
+    port = host.rpartition("]")[2].partition(":")[2] if ":" in host.rpartition("]")[2] else ""
+    if port and not (port.isdigit() and 0 < int(port) < 65536):
+        raise ValueError(f"allowed: a port 1..65535 after the host, e.g. {example}")
+    return v
+
+
+def _read_secret_file(path: str, key: str) -> str:
+    """The first line of a secret file. Raises ConfigError naming the key and the path
+    (never the contents)."""
+    try:
+        with open(Path(path).expanduser(), encoding="utf-8") as f:
+            value = f.readline().rstrip("\r\n")
+    except OSError as exc:
+        raise ConfigError(f"{key}: {path!r} cannot be read: {exc.strerror}") from None
+    remember(value)
+    return value
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
@@ -61,6 +109,10 @@ class InfluxDBConfig(_Model):
     org: str | None = Field(None, description="v2 organisation.")
     bucket: str | None = Field(None, description="v2 bucket.")
     token: str | None = Field(None, description="v2/v3 API token.")
+    password_file: str | None = Field(None, description="File whose first line is the v1 password (instead of influxdb.password; keeps it out of config files, the environment and process listings).")
+    token_file: str | None = Field(None, description="File whose first line is the v2/v3 API token (instead of influxdb.token).")
+    tls_verify: bool = Field(True, description="https: verify the server's certificate and host name. false only for a test server with a self-signed certificate (logged as a warning).")
+    tls_ca_file: str | None = Field(None, description="https: CA bundle (PEM) to verify the server with; unset: the system's CAs.")
     create_database: bool = Field(True, description="v1: issue CREATE DATABASE on start (idempotent).")
     batch_size: int = Field(5000, ge=1, le=1_000_000, description="Points per write request.")
     flush_interval_s: float = Field(1.0, gt=0, le=3600, description="Longest time a point waits before its batch is sent, seconds.")
@@ -72,11 +124,31 @@ class InfluxDBConfig(_Model):
     spool_dir: str | None = Field(None, description="Directory of the on-disk spool. Unset: $XDG_STATE_HOME/provscope/spool or ~/.local/state/provscope/spool.")
     spool_max_bytes: int = Field(1 << 30, ge=1 << 16, description="Spool size limit in bytes; when full, the oldest segment is dropped and counted.")
 
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, v: str | None) -> str | None:
+        return _check_url(v, ("http", "https"), "http://127.0.0.1:8086")
+
+    def secret(self, name: Literal["password", "token"]) -> str | None:
+        """The password or token: the ``*_file``'s first line when that is set, else the
+        setting itself. Read at each call (a rotated file is picked up by a new writer)."""
+        path = getattr(self, f"{name}_file")
+        if path:
+            return _read_secret_file(path, f"influxdb.{name}_file")
+        return getattr(self, name)
+
 
 class LineageConfig(_Model):
-    url: str | None = Field(None, description="Lineage store URL: sqlite:///path.db or postgresql://user@host:port/db. Unset: the embedded file.")
+    url: str | None = Field(None, description="Lineage store URL: sqlite:///path.db or postgresql://user@host:port/db (the password from PGPASSWORD or ~/.pgpass / PGPASSFILE rather than the URL; TLS: ?sslmode=verify-full). Unset: the embedded file.")
     batch_size: int = Field(1000, ge=1, le=100_000, description="Lineage records per transaction.")
+
+    @field_validator("url")
+    @classmethod
+    def _db_url(cls, v: str | None) -> str | None:
+        return _check_url(v, ("sqlite", "postgresql", "postgres"),
+                          "sqlite:///PATH.db or postgresql://USER@HOST:PORT/DB")
     flush_interval_s: float = Field(1.0, gt=0, le=3600, description="Longest time a lineage record waits before it is written, seconds.")
+    lost_after_s: float = Field(180.0, gt=0, le=86_400 * 30, description="A run still running whose last heartbeat (client.heartbeat_s) is older than this is lost: the node agent marks it and its open tasks lost in the store, and provscope runs / provscope.query show it lost, seconds. Keep it several heartbeats long.")
 
 
 class EmbeddedConfig(_Model):
@@ -134,6 +206,8 @@ class ClientConfig(_Model):
     hash_max_bytes: int = Field(1 << 30, ge=0, description="Files up to this size get a sha256 digest in use()/produce(); larger ones record size and mtime only.")
     step_task_every: int = Field(100, ge=0, description="run.steps() records one step task every N steps (0: none); every step still logs step_time_seconds.")
     identity_wait_s: float = Field(10.0, ge=0, le=600, description="A rank other than 0 of a job with no launcher id waits up to this long, once, for rank 0's run id over torch.distributed, seconds (then it records under its own run id).")
+    heartbeat_s: float = Field(30.0, ge=0, le=86_400, description="Every this many seconds a job's open runs record a heartbeat (the run row's heartbeat_ns), so that a job killed without a word ends lost after lineage.lost_after_s, seconds (0: no heartbeats; such runs are never marked lost).")
+    handle_sigterm: bool = Field(True, description="On SIGTERM (when the job has no handler of its own), end the job's open runs and tasks as killed and flush for up to 5 s before the process dies of the signal as it would have.")
     telemetry: bool = Field(True, description="When the job runs its own pipeline (no agent): sample the node, the job's process tree and its GPUs in the job, on one background thread.")
     telemetry_interval_s: float = Field(5.0, ge=0.1, le=3600, description="Sampling interval of the in-job telemetry, seconds (one sample at start and one at exit as well).")
     telemetry_collectors: tuple[Literal["cpu", "memory", "disk", "net", "process", "nvml"], ...] = Field(("cpu", "memory", "disk", "net", "process", "nvml"), description="Collectors the in-job telemetry runs (the agent's collectors of the same names; nvml reads only the job's own GPUs).")
@@ -142,6 +216,10 @@ class ClientConfig(_Model):
 class TorchConfig(_Model):
     every: int = Field(10, ge=1, description="Layer statistics every N steps.")
     max_layers: int = Field(512, ge=1, description="Most layers watched at once; beyond it the first ones are watched and one line names the count and this setting.")
+
+
+class RedactConfig(_Model):
+    names: tuple[str, ...] = Field(DEFAULT_NAMES, description="Last words of secret-looking names: the value of a command-line option (--api-token X), a KEY=VALUE word, or a task param / run config key whose last word (split at - _ . and the like) is one of these is recorded as *** (docs/security.md). [] turns masking of recorded command lines and params off.")
 
 
 class Config(_Model):
@@ -157,6 +235,7 @@ class Config(_Model):
     client: ClientConfig = ClientConfig()
     torch: TorchConfig = TorchConfig()
     alerts: AlertsConfig = AlertsConfig()
+    redact: RedactConfig = RedactConfig()
 
     @property
     def host_name(self) -> str:
@@ -379,8 +458,46 @@ def _bad_value(err: Mapping[str, Any], item: _Item | None) -> str:
     if item is not None and item.key.startswith(key + "."):  # a problem of a whole entry
         return f"{source}: {key}: {msg}"
     if item is not None and item.key != key:  # an element of a list setting
-        return f"{source}: {item.key} = {item.value!r} is not allowed ({key}: {msg})"
-    return f"{source}: {key} = {err.get('input')!r} is not allowed; {msg}"
+        return f"{source}: {item.key} = {shown(item.key, item.value)} is not allowed ({key}: {msg})"
+    return f"{source}: {key} = {shown(key, err.get('input'))} is not allowed; {msg}"
+
+
+def shown(key: str, value: Any) -> str:
+    """How a setting's value appears in messages and ``provscope config``: ``***`` for a
+    secret (a key whose last word looks secret, e.g. ``influxdb.password``), a URL with
+    its password masked, else ``repr``."""
+    if value is not None and is_secret_name(key.rsplit(".", 1)[-1]) \
+            and not key.endswith("_file"):
+        return MASK
+    if isinstance(value, str) and "://" in value:
+        return repr(mask_url(value))
+    return repr(value)
+
+
+def redacted(config: Config) -> dict[str, Any]:
+    """``config`` as plain data for display (``provscope config``): passwords and tokens
+    as ``***``, URLs without their passwords."""
+    def walk(obj: Any, prefix: str) -> Any:
+        if isinstance(obj, dict):
+            return {k: walk(v, f"{prefix}{k}.") for k, v in obj.items()}
+        key = prefix[:-1]
+        if obj is not None and is_secret_name(key.rsplit(".", 1)[-1]) \
+                and not key.endswith("_file"):
+            return MASK
+        return mask_url(obj) if isinstance(obj, str) and "://" in obj else obj
+
+    return walk(config.model_dump(mode="json"), "")
+
+
+def _remember_secrets(config: Config) -> None:
+    """Teach the log redaction this configuration's secrets (and install it)."""
+    install_log_filter()
+    ic = config.influxdb
+    remember(ic.password, ic.token)
+    for url in (ic.url, config.lineage.url):
+        m = re.match(r"^[A-Za-z][\w+.-]*://[^/?#@]*:([^/?#@]+)@", url or "")
+        if m:
+            remember(m.group(1))
 
 
 def _owner(items: list[_Item], loc: Sequence[Any]) -> int | None:
@@ -506,6 +623,7 @@ def load_config(
             items = [it for j, it in enumerate(items) if j not in bad]
     else:  # pragma: no cover - each round removes at least one item
         config = Config()
+    _remember_secrets(config)
     if report is not None:
         for line in problems:
             try:

@@ -146,20 +146,28 @@ def runs(*, limit: int | None = None, name: str | None = None, status: str | Non
     Args:
         limit: at most this many rows.
         name: only runs with this name.
-        status: only runs with this status (running, finished, failed, killed).
+        status: only runs with this status (running, lost, finished, interrupted, killed,
+            failed).
         since: only runs started at or after this time (see ``series`` for time forms).
         run_id: only this run.
 
     Returns:
         One row per run: the ``runs`` table columns, plus ``task_count`` and
-        ``duration_s`` (NA while running).
+        ``duration_s`` (NA while running). A run still ``running`` whose last heartbeat
+        is older than ``lineage.lost_after_s`` reads ``lost`` (ending at that heartbeat),
+        whether or not an agent has marked it in the store yet.
     """
+    cfg = _config(config)
     where: list[str] = []
     params: dict[str, Any] = {}
+    # running and lost are told apart by the heartbeat after reading (see _lost)
+    live = status in ("running", "lost")
     if name is not None:
         where.append("r.name = :name")
         params["name"] = name
-    if status is not None:
+    if live:
+        where.append("r.status IN ('running', 'lost')")
+    elif status is not None:
         where.append("r.status = :status")
         params["status"] = status
     if run_id is not None:
@@ -172,19 +180,65 @@ def runs(*, limit: int | None = None, name: str | None = None, status: str | Non
                  "AS task_count FROM runs r"
                  + (" WHERE " + " AND ".join(where) if where else "")
                  + " ORDER BY r.start_ns IS NULL, r.start_ns DESC, r.run_id DESC")
-    if limit is not None:
+    if limit is not None and not live:
         statement += " LIMIT :limit"
         params["limit"] = int(limit)
-    df = _frame(_config(config), "runs", statement, params, extra=("task_count",))
+    df = _frame(cfg, "runs", statement, params, extra=("task_count",))
     df["task_count"] = df["task_count"].astype("Int64")
+    _lost(df, cfg)
+    if live:
+        df = df[df["status"] == status]
+        if limit is not None:
+            df = df.head(int(limit))
+        df = df.reset_index(drop=True)
     return df
 
 
+def _lost(df: pd.DataFrame, config: Config) -> None:
+    """In place: runs still ``running`` whose heartbeat is older than
+    ``lineage.lost_after_s`` read ``lost``, ending at their last heartbeat (what the
+    agent's reaper writes into the store, ``SqlLineageStore.mark_lost``)."""
+    if df.empty or "heartbeat_ns" not in df:
+        return
+    import time
+
+    cutoff = time.time_ns() - int(config.lineage.lost_after_s * 1e9)
+    heartbeat = df["heartbeat_ns"]
+    lost = ((df["status"] == "running") & heartbeat.notna() & (heartbeat < cutoff)) \
+        .fillna(False).astype(bool)
+    if not lost.any():
+        return
+    df.loc[lost, "status"] = "lost"
+    ends = lost & df["end_ns"].isna()
+    df.loc[ends, "end_ns"] = heartbeat[ends]
+    df.loc[ends, "end_time"] = pd.to_datetime(heartbeat[ends], unit="ns", utc=True)
+    df.loc[ends, "duration_s"] = (df.loc[ends, "end_ns"] - df.loc[ends, "start_ns"]) \
+        .astype("Float64") / 1e9
+
+
 def tasks(run_id: str, *, config: Config | None = None) -> pd.DataFrame:
-    """The tasks of a run, in start order, with ``duration_s`` (seconds, NA while running)."""
-    return _frame(_config(config), "tasks",
-                  "SELECT * FROM tasks WHERE run_id = :run_id "
-                  "ORDER BY start_ns IS NULL, start_ns, task_id", {"run_id": run_id})
+    """The tasks of a run, in start order, with ``duration_s`` (seconds, NA while running).
+
+    The tasks still ``running`` of a run that reads ``lost`` (see ``runs``) read ``lost``,
+    ending at the run's last heartbeat.
+    """
+    cfg = _config(config)
+    df = _frame(cfg, "tasks",
+                "SELECT * FROM tasks WHERE run_id = :run_id "
+                "ORDER BY start_ns IS NULL, start_ns, task_id", {"run_id": run_id})
+    open_ = (df["status"] == "running").fillna(False).astype(bool) if not df.empty else None
+    if open_ is not None and open_.any():
+        run = runs(run_id=run_id, config=cfg)
+        if len(run) and run["status"].iloc[0] == "lost":
+            end = run["end_ns"].iloc[0]
+            df.loc[open_, "status"] = "lost"
+            ends = open_ & df["end_ns"].isna()
+            if not pd.isna(end):
+                df.loc[ends, "end_ns"] = end
+                df.loc[ends, "end_time"] = pd.to_datetime(end, unit="ns", utc=True)
+                df.loc[ends, "duration_s"] = (df.loc[ends, "end_ns"] - df.loc[ends, "start_ns"]
+                                              ).astype("Float64") / 1e9
+    return df
 
 
 def entities(run_id: str, *, config: Config | None = None) -> pd.DataFrame:

@@ -75,8 +75,10 @@ ENTITY_KINDS = ("dataset", "model", "checkpoint", "config", "file", "artifact")
 RELATIONS = ("used", "generated", "informed", "derived")
 #: Run statuses, from the least to the most severe. Several processes report on one run
 #: (every rank, every node's ``provscope run``); the stores keep the most severe status
-#: reported, and ``running`` never replaces another.
-RUN_STATUSES = ("running", "finished", "interrupted", "killed", "failed")
+#: reported, and ``running`` never replaces another. ``lost``: no heartbeat arrived for
+#: ``lineage.lost_after_s`` (the job died without a word, e.g. SIGKILL); any end record
+#: that arrives later replaces it.
+RUN_STATUSES = ("running", "lost", "finished", "interrupted", "killed", "failed")
 #: Who wrote a run record, from the weakest to the strongest claim on the run's name,
 #: config, code, environment, host, user and command: ``launcher`` (``provscope run``: the
 #: program name as placeholder), ``implicit`` (the implicit run: the script's name),
@@ -114,6 +116,8 @@ class RunRecord:
     environment: Mapping[str, Any] | None = None  # python, torch, cuda, driver, packages
     command: str | None = None
     origin: str | None = None  # one of RUN_ORIGINS; None: the weakest claim
+    #: Last sign of life of a process of the run (Unix ns); the stores keep the latest.
+    heartbeat_ns: int | None = None
 
     kind: ClassVar[str] = "run"
     to_dict = _record_to_dict
@@ -138,7 +142,7 @@ class TaskRecord:
     pid: int | None = None
     start_ns: int | None = None
     end_ns: int | None = None
-    status: str | None = None  # running | finished | interrupted | failed
+    status: str | None = None  # running | finished | interrupted | killed | failed | lost
     error: str | None = None
     params: Mapping[str, Any] | None = None
     result: Mapping[str, Any] | None = None

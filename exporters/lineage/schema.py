@@ -98,6 +98,10 @@ def _runs(md: sa.MetaData, version: int) -> sa.Table:
         # Whose values the row holds (provscope.records.RUN_ORIGINS): the merge lets the
         # job's name and config win over a launcher's placeholders in any arrival order.
         cols.append(sa.Column("origin", sa.String(16)))
+    if version >= 5:
+        # The last heartbeat of a process of the run: a run still "running" whose
+        # heartbeat is older than lineage.lost_after_s is "lost" (the job died silently).
+        cols.append(sa.Column("heartbeat_ns", sa.BigInteger))
     return sa.Table("runs", md, *cols)
 
 
@@ -186,7 +190,7 @@ def _metadata(version: int) -> sa.MetaData:
 
 
 #: The current schema (what the store writes and the query API reads).
-METADATA = _metadata(4)
+METADATA = _metadata(5)
 RUNS = METADATA.tables["runs"]
 TASKS = METADATA.tables["tasks"]
 ENTITIES = METADATA.tables["entities"]
@@ -248,9 +252,18 @@ def _step4_entity_identity(conn: Connection) -> None:
     rekey_entities(conn, _entities(sa.MetaData()), relations)
 
 
+def _step5_run_heartbeat(conn: Connection) -> None:
+    """Version 5: ``runs.heartbeat_ns``, the last sign of life of the run's processes
+    (rows before it: NULL, never marked ``lost``)."""
+    present = {c["name"] for c in sa.inspect(conn).get_columns("runs")}
+    if "heartbeat_ns" not in present:
+        conn.exec_driver_sql("ALTER TABLE runs ADD COLUMN heartbeat_ns BIGINT")
+
+
 #: Numbered steps: MIGRATIONS[i] upgrades version i to version i + 1.
 MIGRATIONS: list[Callable[[Connection], None]] = [_step1_create, _step2_task_resources,
-                                                  _step3_run_origin, _step4_entity_identity]
+                                                  _step3_run_origin, _step4_entity_identity,
+                                                  _step5_run_heartbeat]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -8,7 +8,8 @@ a task's start record and end record give the same row whichever arrives first. 
 start record keeps ``finished``). Runs merge the partial records of every rank and
 launcher of a job: the strongest ``origin`` (the job's workflow over a launcher's
 placeholder) gives the name, config, code and environment, the earliest start and the
-latest end win, and the status is the most severe reported. Entities, keyed by content
+latest end (and the latest heartbeat) win, and the status is the most severe reported;
+``mark_lost`` ends runs whose heartbeat stopped as ``lost``. Entities, keyed by content
 and recorded by many runs, merge the other way round: the record created first wins and
 later ones fill only its nulls. Relations are deduplicated on (relation, subject_id,
 object_id, role); the ``informed`` relations implied by ``used`` and ``generated`` ones
@@ -25,6 +26,7 @@ import datetime as dt
 import math
 import operator
 import re
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -78,6 +80,7 @@ def _run_row(r: RunRecord) -> dict[str, Any]:
         "code_commit": code.get("commit") if code else None,
         "code_dirty": bool(code["dirty"]) if code and code.get("dirty") is not None else None,
         "environment": _as_json(r.environment), "command": r.command, "origin": r.origin,
+        "heartbeat_ns": r.heartbeat_ns,
     }
 
 
@@ -167,7 +170,7 @@ def _merge_run(old: dict[str, Any], new: dict[str, Any]) -> None:
             old[key] = value
         elif key == "start_ns":
             old[key] = min(current, value)
-        elif key == "end_ns":
+        elif key in ("end_ns", "heartbeat_ns"):
             old[key] = max(current, value)
         elif key == "status":
             if _STATUS_LEVEL.get(value, _STATUS_UNKNOWN) > \
@@ -204,6 +207,8 @@ def _run_sets(excluded: Any, table: sa.Table) -> dict[str, Any]:
             sets[name] = pick(name, excluded["start_ns"] < table.c["start_ns"], "start_ns")
         elif name in ("end_ns", "end_time"):
             sets[name] = pick(name, excluded["end_ns"] > table.c["end_ns"], "end_ns")
+        elif name == "heartbeat_ns":
+            sets[name] = pick(name, new > old)
         elif name == "status":
             sets[name] = pick(name, _level(new, _STATUS_LEVEL, _STATUS_UNKNOWN)
                               > _level(old, _STATUS_LEVEL, _STATUS_UNKNOWN))
@@ -441,6 +446,45 @@ class SqlLineageStore:
             if linked:
                 link_informed(conn, linked)
         return sum(len(v) for v in rows.values())
+
+    def mark_lost(self, lost_after_s: float, now_ns: int | None = None) -> tuple[int, int]:
+        """End runs whose last heartbeat is older than ``lost_after_s`` as ``lost``.
+
+        A run qualifies when its status is still ``running`` and it has a heartbeat (rows
+        written before heartbeats existed never do). Its ``end_ns`` becomes its last
+        heartbeat (when it had no end), and its tasks still ``running`` end ``lost`` at
+        the same time. An end record that arrives later replaces ``lost`` (see
+        ``RUN_STATUSES``). Blocks on the database; one transaction.
+
+        Returns:
+            ``(runs, tasks)`` marked.
+
+        Raises:
+            sqlalchemy.exc.SQLAlchemyError: the database failed (nothing was changed).
+        """
+        self.ensure_schema()
+        now = time.time_ns() if now_ns is None else now_ns
+        cutoff = now - int(lost_after_s * 1e9)
+        runs_c, tasks_c = RUNS.c, TASKS.c
+        with self.engine.begin() as conn:
+            found = conn.execute(
+                sa.select(runs_c.run_id, runs_c.heartbeat_ns)
+                .where(runs_c.status == "running", runs_c.heartbeat_ns.is_not(None),
+                       runs_c.heartbeat_ns < cutoff)).all()
+            marked_tasks = 0
+            for run_id, heartbeat in found:
+                end = sa.literal(_ts(heartbeat), RUNS.c.end_time.type)
+                # status == 'running' again: a record committed since the select wins.
+                conn.execute(
+                    RUNS.update().where(runs_c.run_id == run_id, runs_c.status == "running")
+                    .values(status="lost",
+                            end_ns=sa.func.coalesce(runs_c.end_ns, heartbeat),
+                            end_time=sa.func.coalesce(runs_c.end_time, end)))
+                marked_tasks += conn.execute(
+                    TASKS.update().where(tasks_c.run_id == run_id, tasks_c.status == "running")
+                    .values(status="lost", end_ns=sa.func.coalesce(tasks_c.end_ns, heartbeat),
+                            end_time=sa.func.coalesce(tasks_c.end_time, end))).rowcount
+        return len(found), marked_tasks
 
     def close(self) -> None:
         """Close pooled connections."""

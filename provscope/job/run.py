@@ -35,7 +35,7 @@ from typing import Any, TypeVar
 from provscope import env, jsonsafe
 from provscope.config import Config, load_config
 from provscope.ids import content_id, entity_key, new_id
-from provscope.job import capture, context, identity
+from provscope.job import capture, context, identity, liveness
 from provscope.job.context import run_var, task_var
 from provscope.job.sink import Sink, get_sink, on_exit
 from provscope.job.stepbuffer import StepBuffer, complete_all
@@ -322,6 +322,8 @@ class Run:
         self.step_buffer = StepBuffer(self._write_train)
         self._owner_thread = threading.get_ident()
         self._main_stack: list[str] = []
+        # Tasks started and not ended (any thread): ended as killed on SIGTERM (abort).
+        self._open_tasks: dict[str, Task] = {}
         self._tokens: tuple[Any, Any] | None = None
         self._start_ns: int | None = None
         self._start_due = False
@@ -413,6 +415,7 @@ class Run:
                 self._announce()
                 if self._pending:
                     self._watch_identity()
+                liveness.register(self)
         except Exception:
             self.errors += 1
         return self
@@ -459,6 +462,7 @@ class Run:
         except Exception:
             self.errors += 1
         self.status = status
+        liveness.unregister(self)
         if error is not None:
             log_.debug("run %s ended %s: %s", self._run_id, status, _error_text(error))
         _reset_context(self._tokens)
@@ -484,7 +488,30 @@ class Run:
             code=capture.code_version(capture.script_dir()) or None,
             environment=capture.environment(), command=capture.command_line(),
             origin=self.origin,
+            heartbeat_ns=self._start_ns if self.config.client.heartbeat_s > 0 else None,
         )
+
+    def heartbeat(self) -> None:
+        """Record a sign of life of this process in the run row (``heartbeat_ns``); see
+        ``provscope.job.liveness``. Called by the heartbeat thread. Never raises."""
+        sink = self._sink
+        if sink is None or self._pending or self.status != "running":
+            return
+        try:
+            sink.submit(RunRecord(run_id=self._run_id, heartbeat_ns=time.time_ns(),
+                                  origin=self.origin))
+        except Exception:
+            self.errors += 1
+
+    def abort(self, status: str = "killed") -> None:
+        """End the open tasks (newest first) and then the run with ``status``: what the
+        SIGTERM handler does before the process dies. Never raises."""
+        for task in reversed(list(self._open_tasks.values())):
+            try:
+                self._end_task(task, None, status=status)
+            except Exception:
+                self.errors += 1
+        self.finish(status)
 
     # ------------------------------------------------------------------ emitting
 
@@ -637,6 +664,7 @@ class Run:
             return task
         if threading.get_ident() == self._owner_thread:
             self._main_stack.append(task.task_id)
+        self._open_tasks[task.task_id] = task
         task._meter = capture.ResourceMeter()
         self.counts["tasks"] += 1
         self.emit(TaskRecord(
@@ -649,9 +677,12 @@ class Run:
                 self.use(value, "file", role=role, task_id=task.task_id)
         return task
 
-    def _end_task(self, task: Task, exc: BaseException | None) -> None:
+    def _end_task(self, task: Task, exc: BaseException | None,
+                  status: str | None = None) -> None:
         if self._sink is None:
             return
+        if self._open_tasks.pop(task.task_id, None) is None and status is not None:
+            return  # ended already (abort racing the task's own end)
         stack = self._main_stack
         if task.task_id in stack:
             stack.remove(task.task_id)
@@ -661,7 +692,7 @@ class Run:
             task_id=task.task_id, run_id=self.run_id, parent_task_id=task.parent_task_id,
             name=task.name, task_kind=task.kind, host=self.host, rank=self.rank,
             pid=os.getpid(), start_ns=task.start_ns, end_ns=time.time_ns(),
-            status=_stopped_by(exc) if failed else "finished",
+            status=status or (_stopped_by(exc) if failed else "finished"),
             error=_error_text(exc) if failed and exc is not None else None,
             result=task.result or None, resources=resources,
         ))
