@@ -110,3 +110,15 @@ def _isolated_from_this_machine(tmp_path, monkeypatch):
     monkeypatch.setattr(run_module, "_reported_settings", set())
     yield
     shutil.rmtree(runtime, ignore_errors=True)
+
+
+def pytest_addoption(parser):
+    """``--long``: the fault suite's full outage lengths and many more fuzzing cases."""
+    parser.addoption("--long", action="store_true", default=False,
+                     help="long fault timings (60 s outages) and x20 fuzzing cases")
+
+
+@pytest.fixture(scope="session")
+def long_run(request) -> bool:
+    """True under ``--long``."""
+    return bool(request.config.getoption("--long"))
