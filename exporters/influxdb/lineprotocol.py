@@ -4,23 +4,19 @@ Pure functions, no I/O. The output is byte-for-byte what ``influxdb_client``'s
 ``Point.to_line_protocol`` produces for the same point (with ``ints_as_float=False``), so
 either can be used as the reference of the other.
 
-Rules:
+Names and values are first made storable by ``sanitize`` (the one policy both backends
+apply: control characters, problem backslashes, ``#``, reserved keys, empty names, type
+conflicts, out-of-range numbers; see docs/lineprotocol.md). The output is then
+byte-for-byte what ``influxdb_client``'s ``Point.to_line_protocol`` produces for the
+sanitised point (with ``ints_as_float=False``).
+
+Rules after sanitising:
 
 - **measurement**: ``,`` and space are escaped with a backslash.
 - **tag keys, tag values, field keys**: ``,``, ``=`` and space are escaped with a backslash.
-- **newline, carriage return, tab** cannot be carried by line protocol in a measurement, a
-  key or a tag value (a newline ends the line). They are written as the two-character
-  text ``\\n``, ``\\r``, ``\\t`` (backslash + letter), so InfluxDB stores e.g. the tag value
-  ``"a\\nb"`` (a real newline) as the 4 characters ``a\\nb``. Reading it back gives that
-  text, not a newline. String *field* values carry newlines as they are.
 - **string field values**: ``"`` and ``\\`` are escaped with a backslash, the value is
-  double-quoted.
-- **tags** are sorted by key; a tag whose key or value is empty (or ``None``) is skipped;
-  a tag value ending in a backslash gets one trailing space (so the backslash does not
-  escape the separator); InfluxDB reads ``\\ `` as an escaped space, so ``a\\`` comes
-  back as ``a `` (a limit of the format).
-- **fields** are sorted by key; ``None``, NaN and ±inf values are skipped; a point left
-  with no field produces no line at all (``encode_point`` returns ``""``).
+  double-quoted; newlines and other characters are kept.
+- **tags** and **fields** are sorted by their stored keys.
 - **floats** use Python's shortest round-trip ``repr`` with a trailing ``.0`` removed
   (``3.0`` -> ``3``, ``0.1`` -> ``0.1``, ``1e+16``).
 - **booleans** are ``true``/``false``.
@@ -33,9 +29,10 @@ Rules:
 - **time** is Unix nanoseconds; a ``time_ns`` of ``None`` leaves the timestamp out (the
   server then uses its own clock).
 
-Known limits of the format itself (not of this encoder): a measurement starting with
-``#`` is read by InfluxDB as a comment; a measurement, tag key or field key ending in a
-backslash escapes the character after it. Catalogued names never do either.
+With a ``PointPolicy`` (the writer always passes its own), a refused point gives no line
+and a refused value is left out of its line, each counted by reason in the policy;
+without one, nothing is counted or type-checked and a value of an unsupported type
+raises ``ValueError``.
 """
 
 from __future__ import annotations
@@ -44,6 +41,20 @@ import re
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from provscope.exporters.influxdb.sanitize import (
+    FLOAT_MAX,
+    INT64_MAX,
+    INT64_MIN,
+    MAX_SERIES_KEY_BYTES,
+    TIME_MAX,
+    TIME_MIN,
+    PointPolicy,
+    clean_key,
+    clean_measurement,
+    clean_point,
+    clean_tag_value,
+)
+
 from provscope.catalogue import lookup
 from provscope.records import Point
 
@@ -51,13 +62,12 @@ __all__ = ["encode_batch", "encode_lines", "encode_point"]
 
 # str.translate with a table is one C loop per string (the same tables as influxdb-client,
 # so the bytes agree); every distinct name is escaped once and then served from a dict.
-_ESCAPE_MEASUREMENT = str.maketrans(
-    {",": r"\,", " ": r"\ ", "\n": r"\n", "\t": r"\t", "\r": r"\r"}
-)
-_ESCAPE_KEY = str.maketrans(
-    {",": r"\,", "=": r"\=", " ": r"\ ", "\n": r"\n", "\t": r"\t", "\r": r"\r"}
-)
-_ESCAPE_STRING = str.maketrans({'"': r"\"", "\\": r"\\"})
+# Names are sanitised first (no control characters, no backslash before a separator).
+_ESCAPE_MEASUREMENT = str.maketrans({",": r"\,", " ": r"\ "})
+_ESCAPE_KEY = str.maketrans({",": r"\,", "=": r"\=", " ": r"\ "})
+# Lone surrogates cannot be UTF-8 encoded: they become U+FFFD in the same C loop.
+_ESCAPE_STRING = str.maketrans({'"': r"\"", "\\": r"\\",
+                                **{c: "\ufffd" for c in range(0xD800, 0xE000)}})
 
 # Caches: names, tag sets and field-key sets repeat from point to point (bounded
 # cardinality by design), so their escaped and sorted forms are computed once. Each cache
@@ -88,12 +98,18 @@ _series_caches: dict[bool, dict[tuple, _Series]] = {True: {}, False: {}}
 class _Series:
     """What one (measurement, tag set, field-key set) encodes to, computed once."""
 
-    __slots__ = ("fast", "prefix", "shape")
+    __slots__ = ("checked", "classes", "excluded", "fast", "measurement", "prefix", "shape")
 
-    def __init__(self, prefix: str, shape: tuple, fast: Any) -> None:
-        self.prefix = prefix  # "measurement,k=v,k2=v2 " (sorted, escaped)
-        self.shape = shape  # sorted ((key, escaped key + "=", int suffix), ...)
-        self.fast = fast  # specialised encoder for the first value types seen, or None
+    def __init__(self, measurement: str, prefix: str | None, shape: tuple,
+                 excluded: tuple) -> None:
+        self.measurement = measurement  # the stored (sanitised) measurement
+        self.prefix = prefix  # "measurement,k=v,k2=v2 " (sorted, escaped); None: refused
+        # sorted ((key, escaped stored key + "=", int suffix, stored key), ...)
+        self.shape = shape
+        self.excluded = excluded  # keys left out: empty or equal to another once stored
+        self.fast: Any = None  # specialised encoder for the first value types seen
+        self.classes: tuple = ()  # ((stored key, stored type), ...) the encoder writes
+        self.checked: list[PointPolicy] = []  # policies that accept those types
 
 
 def _escape_key(key: Any) -> str:
@@ -101,23 +117,35 @@ def _escape_key(key: Any) -> str:
     if escaped is None:
         if len(_key_cache) >= _CACHE_MAX:
             _key_cache.clear()
-        escaped = str(key).translate(_ESCAPE_KEY)
+        escaped = clean_key(key).translate(_ESCAPE_KEY)
         _key_cache[key] = escaped
     return escaped
 
 
-def _build_prefix(measurement: Any, tags: Any) -> str:
-    parts = [str(measurement).translate(_ESCAPE_MEASUREMENT)]
-    for key, value in sorted(tags.items()):
+def _sort_key(item: Any) -> str:
+    return item if type(item) is str else str(item)
+
+
+def _build_prefix(measurement: str, tags: Any) -> str | None:
+    """The escaped series prefix of the sanitised names; None when the point is refused
+    (empty measurement, series key over ``MAX_SERIES_KEY_BYTES``)."""
+    if not measurement:
+        return None
+    stored: dict[str, str] = {}
+    for key in sorted(tags, key=_sort_key):
+        value = tags[key]
         if value is None:
             continue
-        k = str(key).translate(_ESCAPE_KEY)
-        v = str(value).translate(_ESCAPE_KEY)
-        if v.endswith("\\"):
-            v += " "
-        if k and v:
-            parts.append(f"{k}={v}")
-    return ",".join(parts) + " "
+        k, v = clean_key(key), clean_tag_value(value)
+        if k and v and k not in stored:
+            stored[k] = v
+    parts = [measurement.translate(_ESCAPE_MEASUREMENT)]
+    for k, v in sorted(stored.items()):
+        parts.append(f"{k.translate(_ESCAPE_KEY)}={v.translate(_ESCAPE_KEY)}")
+    prefix = ",".join(parts) + " "
+    if len(prefix.encode("utf-8", "replace")) > MAX_SERIES_KEY_BYTES:
+        return None
+    return prefix
 
 
 def _int_suffix(measurement: Any, field: Any) -> str:
@@ -132,12 +160,23 @@ def _int_suffix(measurement: Any, field: Any) -> str:
     return suffix
 
 
-def _build_shape(measurement: Any, keys: Iterable[Any], ints_as_float: bool) -> tuple:
+def _build_shape(measurement: str, keys: Iterable[Any],
+                 ints_as_float: bool) -> tuple[tuple, tuple]:
+    """(sorted shape, keys left out): of keys equal once stored, the first in sorted order
+    of the original keys is kept."""
     shape = []
-    for key in sorted(keys):
-        suffix = _int_suffix(measurement, key) if ints_as_float else "i"
-        shape.append((key, _escape_key(key) + "=", suffix))
-    return tuple(shape)
+    seen: set[str] = set()
+    excluded = []
+    for key in sorted(keys, key=_sort_key):
+        stored = clean_key(key)
+        if not stored or stored in seen:
+            excluded.append(key)
+            continue
+        seen.add(stored)
+        suffix = _int_suffix(measurement, stored) if ints_as_float else "i"
+        shape.append((key, _escape_key(key) + "=", suffix, stored))
+    shape.sort(key=lambda entry: entry[3])
+    return tuple(shape), tuple(excluded)
 
 
 _FAST_TYPES = {float: "float", int: "int", str: "str", bool: "bool"}
@@ -154,15 +193,20 @@ def _compile(shape: tuple, fields: Any) -> Any:
     the generic path, so the bytes are the same either way. Keys and escaped text are
     passed in the namespace, never pasted into the source.
     """
-    types = [type(fields[key]) for key, _, _ in shape]
+    types = [type(fields[key]) for key, _, _, _ in shape]
     if not types or len(types) > 64 or any(t not in _FAST_TYPES for t in types):
         return None
     # The series key holds the field keys in insertion order, so every dict that finds
     # this encoder has exactly that order: one unpack of .values() replaces N lookups.
     position = {key: i for i, key in enumerate(fields)}
     ns: dict[str, Any] = {"E": _ESCAPE_STRING, "R": _float_text}
-    guard, conv, out, finite = ["type(t) is int"], [], [], []
-    for (key, key_eq, suffix), t in zip(shape, types, strict=True):
+    # The time and every int must be in InfluxDB's ranges (else the generic path refuses
+    # them, counted); chained comparisons of ints are exact.
+    guard = [f"type(t) is int and {TIME_MIN} <= t <= {TIME_MAX}"]
+    conv: list[str] = []
+    out: list[str] = []
+    finite: list[str] = []
+    for (key, key_eq, suffix, _), t in zip(shape, types, strict=True):
         i = position[key]
         # Plain keys go into the f-string as literal text (one fewer lookup and format per
         # field); anything else is passed by name, so no key text can change the code.
@@ -188,6 +232,8 @@ def _compile(shape: tuple, fields: Any) -> Any:
                 conv.append(f"        s{i} = repr(v{i}).removesuffix('.0')")
             out.append(f"{name}{{s{i}}}")
         elif t is int:
+            low, high = (INT64_MIN, INT64_MAX) if suffix else (-FLOAT_MAX, FLOAT_MAX)
+            guard.append(f"{low!r} <= v{i} <= {high!r}")
             out.append(f"{name}{{v{i}}}{suffix}")
         elif t is str:
             out.append(f'{name}"{{v{i}.translate(E)}}"')
@@ -196,7 +242,7 @@ def _compile(shape: tuple, fields: Any) -> Any:
     if finite:
         # x - x is 0.0 for a finite float and NaN for NaN/inf; one sum checks them all.
         guard.append("not (" + " + ".join(finite) + ")")
-    floats = [f"v{position[key]}" for (key, _, _), t in zip(shape, types, strict=True)
+    floats = [f"v{position[key]}" for (key, _, _, _), t in zip(shape, types, strict=True)
               if t is float]
     if _dumps is not None and len(floats) >= _BULK_MIN:
         conv = _bulk_float_text(floats)
@@ -241,9 +287,16 @@ def _bulk_float_text(names: list[str]) -> list[str]:
 
 def _series(key: tuple | None, point: Point, ints_as_float: bool) -> _Series:
     fields = point.fields
-    series = _Series(_build_prefix(point.measurement, point.tags),
-                     _build_shape(point.measurement, fields, ints_as_float), None)
-    series.fast = _compile(series.shape, fields)
+    measurement = clean_measurement(point.measurement)
+    shape, excluded = _build_shape(measurement, fields, ints_as_float)
+    series = _Series(measurement, _build_prefix(measurement, point.tags), shape, excluded)
+    if series.prefix is not None and not excluded:
+        series.fast = _compile(shape, fields)
+        if series.fast is not None:
+            series.classes = tuple(
+                (stored, _CLASSES[type(fields[k])] if type(fields[k]) is not int
+                 else ("int" if suffix else "float"))
+                for k, _, suffix, stored in shape)
     if key is not None:
         cache = _series_caches[ints_as_float]
         if len(cache) >= _CACHE_MAX:
@@ -252,52 +305,74 @@ def _series(key: tuple | None, point: Point, ints_as_float: bool) -> _Series:
     return series
 
 
-def _other(value: Any, measurement: Any, key: Any, ints_as_float: bool) -> str | None:
-    """The slow path for subclasses and numpy/torch scalars; same rules as the fast path."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float):
-        value = float(value)
-        if value - value:
-            return None
-        s = repr(value)
-        return s[:-2] if s[-2:] == ".0" else s
-    if isinstance(value, int):
-        suffix = _int_suffix(measurement, key) if ints_as_float else "i"
-        return f"{int(value)}{suffix}"
-    if isinstance(value, str):
-        return '"' + str(value).translate(_ESCAPE_STRING) + '"'
-    kind = getattr(getattr(value, "dtype", None), "kind", None)
-    if kind == "f":
-        return _other(float(value), measurement, key, ints_as_float)
-    if kind in ("i", "u"):
-        return _other(int(value), measurement, key, ints_as_float)
-    if kind == "b":
-        return "true" if bool(value) else "false"
-    raise ValueError(
-        f"field {key!r} of measurement {measurement!r}: a value of type "
-        f"{type(value).__name__} cannot be written (allowed: float, int, bool, str)"
-    )
+_CLASSES = {float: "float", str: "str", bool: "bool"}
 
 
-def encode_lines(points: Iterable[Point], ints_as_float: bool = True) -> list[str]:
-    """The non-empty lines of ``points``, in order (points with no field give no line).
+def _accepts(series: _Series, policy: PointPolicy) -> bool:
+    """True when ``policy`` accepts the value types ``series.fast`` writes (registering
+    them for fields it has not seen); then that encoder's lines need no more checks."""
+    measurement = series.measurement
+    expect = policy.expect
+    if all([expect(measurement, stored, cls) for stored, cls in series.classes]):
+        series.checked.append(policy)
+        return True
+    return False
+
+
+def _encode_stored(point: Point, ints_as_float: bool) -> str:
+    """The line of a point ``clean_point`` returned (the generic path)."""
+    measurement = point.measurement
+    parts = [measurement.translate(_ESCAPE_MEASUREMENT)]
+    for k, v in point.tags.items():
+        parts.append(f"{k.translate(_ESCAPE_KEY)}={v.translate(_ESCAPE_KEY)}")
+    values = []
+    for k, value in point.fields.items():
+        key_eq = k.translate(_ESCAPE_KEY) + "="
+        t = type(value)
+        if t is float:
+            values.append(key_eq + repr(value).removesuffix(".0"))
+        elif t is bool:
+            values.append(key_eq + ("true" if value else "false"))
+        elif t is int:
+            suffix = _int_suffix(measurement, k) if ints_as_float else "i"
+            values.append(f"{key_eq}{value}{suffix}")
+        else:
+            values.append(key_eq + '"' + value.translate(_ESCAPE_STRING) + '"')
+    line = ",".join(parts) + " " + ",".join(values)
+    return line if point.time_ns is None else f"{line} {point.time_ns}"
+
+
+def encode_lines(points: Iterable[Point], ints_as_float: bool = True,
+                 policy: PointPolicy | None = None) -> list[str]:
+    """The lines of the points that can be written, in order; never blocks.
+
+    A point the policy refuses (``sanitize``) gives no line; a value it refuses is left
+    out of its line.
 
     Args:
         points: samples (``time_ns`` in Unix nanoseconds, or None for server time).
-        ints_as_float: write ints as floats unless the catalogue declares them ``int``.
+        ints_as_float: write ints as floats unless the catalogue declares them ``int``
+            (with a ``policy``, the policy's setting is used).
+        policy: checks field types per series and counts every refusal; None: nothing
+            is counted or type-checked.
 
     Raises:
-        ValueError: a field value of a type line protocol cannot carry (one line, naming it).
+        ValueError: without a policy, a field value of a type line protocol cannot carry
+            (one line, naming it). With a policy it is counted and left out instead.
     """
     # The hot path; each choice was measured on CPython 3.11:
     # - one cache lookup per point finds the series' escaped prefix, sorted field keys and
     #   a specialised encoder (_compile); sorting items per point alone cost a quarter;
     # - repr(float) is the one cost that cannot be avoided (shortest round-trip digits,
     #   the same text as influxdb-client's str()), so nothing else is done per float;
-    # - the generic loop below runs only for points the specialised encoder declines, and
-    #   checks exact types with `is` before any isinstance (bool is a subclass of int).
-    cache = _series_caches[bool(ints_as_float)]
+    # - with a policy, a series' encoder is checked against it once (_accepts); its type
+    #   guard then proves every later line it writes has the accepted types;
+    # - the generic path (sanitise the point, then encode it) runs only for points the
+    #   specialised encoder declines.
+    if policy is not None:
+        ints_as_float = policy.ints_as_float
+    mode = bool(ints_as_float)
+    cache = _series_caches[mode]
     lines: list[str] = []
     add_line = lines.append
     for point in points:
@@ -307,63 +382,43 @@ def encode_lines(points: Iterable[Point], ints_as_float: bool = True) -> list[st
             key = (point.measurement, *tags, _SEP, *tags.values(), *fields)
             series = cache[key]
         except KeyError:
-            series = _series(key, point, bool(ints_as_float))
+            series = _series(key, point, mode)
         except TypeError:  # an unhashable tag value: encode without caching
-            series = _series(None, point, bool(ints_as_float))
+            series = _series(None, point, mode)
         fast = series.fast
-        if fast is not None:
+        if fast is not None and (policy is None or policy in series.checked
+                                 or _accepts(series, policy)):
             line = fast(fields, series.prefix, point.time_ns)
             if line is not None:
                 add_line(line)
                 continue
-        measurement = point.measurement
-        parts: list[str] = []
-        append = parts.append
-        for fkey, key_eq, suffix in series.shape:
-            value: Any = fields[fkey]  # narrowed by type(value) below, which mypy cannot see
-            t = type(value)
-            if t is float:
-                if value - value:  # NaN or +-inf: no line protocol form
-                    continue
-                append(key_eq + repr(value).removesuffix(".0"))
-            elif t is int:
-                append(f"{key_eq}{value}{suffix}")
-            elif t is str:
-                append(key_eq + '"' + value.translate(_ESCAPE_STRING) + '"')
-            elif t is bool:
-                append(key_eq + ("true" if value else "false"))
-            elif value is not None:
-                s = _other(value, measurement, fkey, ints_as_float)
-                if s is not None:
-                    append(key_eq + s)
-        if not parts:
-            continue
-        time_ns = point.time_ns
-        if time_ns is None:
-            add_line(series.prefix + ",".join(parts))
-        else:
-            add_line(f"{series.prefix}{','.join(parts)} {int(time_ns)}")
+        stored = clean_point(point, policy, mode)
+        if stored is not None:
+            add_line(_encode_stored(stored, mode))
     return lines
 
 
-def encode_point(point: Point, ints_as_float: bool = True) -> str:
-    """One line of line protocol for ``point`` (no newline); ``""`` when it has no field.
+def encode_point(point: Point, ints_as_float: bool = True,
+                 policy: PointPolicy | None = None) -> str:
+    """One line of line protocol for ``point`` (no newline); ``""`` when it is refused.
 
     Args:
         point: the sample (``time_ns`` in Unix nanoseconds, or None for server time).
         ints_as_float: write ints as floats unless the catalogue declares them ``int``.
+        policy: as for ``encode_lines``.
 
     Raises:
-        ValueError: a field value of a type line protocol cannot carry (one line, naming it).
+        ValueError: as ``encode_lines``.
     """
-    lines = encode_lines((point,), ints_as_float)
+    lines = encode_lines((point,), ints_as_float, policy)
     return lines[0] if lines else ""
 
 
-def encode_batch(points: Iterable[Point], ints_as_float: bool = True) -> bytes:
+def encode_batch(points: Iterable[Point], ints_as_float: bool = True,
+                 policy: PointPolicy | None = None) -> bytes:
     """The lines of ``points`` joined by ``"\\n"`` (no trailing newline), UTF-8 encoded.
 
     Raises:
         ValueError: as ``encode_lines``.
     """
-    return "\n".join(encode_lines(points, ints_as_float)).encode()
+    return "\n".join(encode_lines(points, ints_as_float, policy)).encode()

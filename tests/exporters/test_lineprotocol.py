@@ -1,4 +1,5 @@
-"""Line protocol: the same bytes as influxdb-client, every escaping rule, the int policy."""
+"""Line protocol: the same bytes as influxdb-client (for the sanitised point), every
+escaping rule, the int policy."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from influxdb_client import Point as ClientPoint
 from provscope.exporters.influxdb.lineprotocol import encode_batch, encode_lines, encode_point
+from provscope.exporters.influxdb.sanitize import clean_point
 
 from provscope.records import Point
 
@@ -26,7 +28,11 @@ _VALUES = st.one_of(
 )
 
 
-def _client_line(p: Point) -> str:
+def _client_line(p: Point, ints_as_float: bool = False) -> str:
+    """influxdb-client's line for the point as the sanitiser stores it ("" if refused)."""
+    p = clean_point(p, ints_as_float=ints_as_float)
+    if p is None:
+        return ""
     cp = ClientPoint(p.measurement)
     for k, v in p.tags.items():
         cp.tag(k, v)
@@ -93,9 +99,11 @@ def test_escaping_rules_for_each_part():
     )
 
 
-def test_newlines_in_names_and_tags_become_backslash_text_but_stay_in_strings():
-    p = Point("m\nx", {"t\r": "a\nb\tc"}, {"k\n": 1.0, "s": "line1\nline2"}, 1)
-    assert encode_point(p) == 'm\\nx,t\\r=a\\nb\\tc k\\n=1,s="line1\nline2" 1'
+def test_control_characters_in_names_become_control_pictures_but_stay_in_strings():
+    p = Point("m\nx", {"t\r": "a\nb\tc\x00"}, {"k\n": 1.0, "s": "line1\nline2"}, 1)
+    assert encode_point(p) == 'm\u240ax,t\u240d=a\u240ab\u2409c\u2400 k\u240a=1,s="line1\nline2" 1'
+    # A real newline and the two characters backslash + n stay two different series.
+    assert encode_point(Point("m", {"t": "a\\nb"}, {"v": 1.0}, 1)) == "m,t=a\\nb v=1 1"
 
 
 def test_tags_sorted_and_empty_or_none_tag_values_skipped():
@@ -103,8 +111,18 @@ def test_tags_sorted_and_empty_or_none_tag_values_skipped():
     assert encode_point(p) == "m,a=1,b=2 v=1 1"
 
 
-def test_tag_value_ending_in_backslash_gets_a_space():
-    assert encode_point(Point("m", {"t": "a\\"}, {"v": 1.0}, 1)) == "m,t=a\\  v=1 1"
+def test_backslashes_that_would_escape_a_separator_are_replaced():
+    bs = "\u29f5"
+    p = Point("m\\\\", {"k\\": "a\\ b", "a\\=b": "C:\\dir\\"},
+              {"f\\\\": 1.0, 'q\\"': 2.0}, 1)
+    assert encode_point(p) == (
+        f"m\\{bs},a{bs}\\=b=C:\\dir{bs},k{bs}=a{bs}\\ b f\\{bs}=1,q{bs}\"=2 1")
+
+
+def test_hash_measurements_reserved_keys_and_empty_names():
+    assert encode_point(Point("#m", {"time": "x"}, {"time": 1.0}, 1)) == "_#m,time_=x time_=1 1"
+    assert encode_point(Point("", {}, {"v": 1.0}, 1)) == ""
+    assert encode_point(Point("m", {}, {"": 1.0, "v": 2.0}, 1)) == "m v=2 1"
 
 
 def test_nan_inf_and_none_fields_are_skipped_and_no_field_gives_no_line():
