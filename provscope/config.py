@@ -70,7 +70,7 @@ def _check_url(v: str | None, schemes: tuple[str, ...], example: str) -> str | N
                          f"e.g. {example}")
     rest = m.group(2)
     if scheme == "sqlite":
-        if not rest.startswith("/") or len(rest) < 2:
+        if rest and (not rest.startswith("/") or len(rest) < 2):  # sqlite://: in memory
             raise ValueError(f"allowed: sqlite:///PATH.db (relative) or sqlite:////ABS/PATH.db, "
                              f"e.g. {example}")
         return v
@@ -670,7 +670,7 @@ def defaults_yaml() -> str:
             if info.description:
                 lines.append(f"## {pad}{info.description}")
             dumped = yaml.safe_dump(list(value) if isinstance(value, tuple) else value,
-                                    default_flow_style=True).strip()
+                                    default_flow_style=True, width=10_000).strip()
             dumped = dumped.removesuffix("\n...").removesuffix("...").strip()
             lines.append(f"# {pad}{name}: {dumped}")
 

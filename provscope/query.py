@@ -594,17 +594,32 @@ def _influx_rows(config: Config, url: str, measurement: str, field: str | None,
               "chunked": "true", "chunk_size": "10000"}
     if ic.retention_policy:
         params["rp"] = ic.retention_policy
-    if ic.username:
-        params["u"] = ic.username
-        params["p"] = ic.password or ""
+    parts = urllib.parse.urlsplit(url)
+    username, password = ic.username, ic.secret("password")
+    if parts.username and not username:  # http://user:pw@host, as the writer reads it
+        username = urllib.parse.unquote(parts.username)
+        password = urllib.parse.unquote(parts.password or "") or password
+    if username:
+        params["u"] = username
+        params["p"] = password or ""
     headers = {"Accept": "application/json"}
-    if ic.token:
-        headers["Authorization"] = f"Token {ic.token}"
+    token = ic.secret("token")
+    if token:
+        headers["Authorization"] = f"Token {token}"
+    # No credentials in the request URL, nor in any message naming it.
+    url = urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
     url = url.rstrip("/") + "/query"
     request = urllib.request.Request(url, data=urllib.parse.urlencode(params).encode(),
                                      headers=headers, method="POST")
+    tls = None
+    if parts.scheme == "https":  # verified unless influxdb.tls_verify: false
+        import ssl
+
+        tls = ssl.create_default_context(cafile=ic.tls_ca_file)
+        if not ic.tls_verify:
+            tls.check_hostname, tls.verify_mode = False, ssl.CERT_NONE
     try:
-        with urllib.request.urlopen(request, timeout=ic.timeout_s) as resp:
+        with urllib.request.urlopen(request, timeout=ic.timeout_s, context=tls) as resp:
             text = resp.read().decode("utf-8")
     except urllib.error.HTTPError as exc:
         detail = exc.read().decode("utf-8", "replace")[:200]

@@ -20,14 +20,19 @@ import contextlib
 import gzip
 import http.client
 import json
+import logging
 import socket
+import ssl
 import urllib.parse
 
+from provscope.destinations import safe_url
 from provscope.errors import ConfigError
 
 __all__ = ["API_VERSIONS", "InfluxTransport", "Response", "TransportError", "error_text"]
 
 API_VERSIONS = ("v1", "v2", "v3")
+
+log = logging.getLogger("provscope.exporters.influxdb")
 
 # status, headers, body
 Response = tuple[int, http.client.HTTPMessage, bytes]
@@ -61,11 +66,25 @@ class InfluxTransport:
 
     def __init__(self, url: str, *, api: str, database: str, retention_policy: str | None,
                  username: str | None, password: str | None, org: str | None,
-                 bucket: str | None, token: str | None, gzip: bool, timeout_s: float) -> None:
+                 bucket: str | None, token: str | None, gzip: bool, timeout_s: float,
+                 tls_verify: bool = True, tls_ca_file: str | None = None) -> None:
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ConfigError(f"influxdb.url: {url!r} is not an http:// or https:// URL "
-                              "(e.g. http://127.0.0.1:8086)")
+            raise ConfigError(f"influxdb.url: {safe_url(url)!r} is not an http:// or https:// "
+                              "URL (e.g. http://127.0.0.1:8086)")
+        if parts.username and not username:  # http://user:pw@host: the v1 credentials
+            username = urllib.parse.unquote(parts.username)
+            password = urllib.parse.unquote(parts.password or "") or password
+        self._tls: ssl.SSLContext | None = None
+        if parts.scheme == "https":
+            # Verified by default (certificate and host name); influxdb.tls_verify: false is
+            # the one switch, for a test server with a self-signed certificate.
+            self._tls = ssl.create_default_context(cafile=tls_ca_file)
+            if not tls_verify:
+                self._tls.check_hostname = False
+                self._tls.verify_mode = ssl.CERT_NONE
+                log.warning("influxdb: TLS certificate verification is off "
+                            "(influxdb.tls_verify: false) for %s", safe_url(url))
         if api not in API_VERSIONS:
             raise ConfigError(f"influxdb.api: {api!r} is not one of v1, v2, v3")
         self.url = url
@@ -210,8 +229,12 @@ class InfluxTransport:
     # ------------------------------------------------------------------ connection
 
     def _connect(self) -> http.client.HTTPConnection:
-        cls = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
-        conn = cls(self._host, self._port, timeout=self._timeout)
+        conn: http.client.HTTPConnection
+        if self._https:
+            conn = http.client.HTTPSConnection(self._host, self._port, timeout=self._timeout,
+                                               context=self._tls)
+        else:
+            conn = http.client.HTTPConnection(self._host, self._port, timeout=self._timeout)
         try:
             conn.connect()
             # Small bodies must not wait for Nagle's delayed ACK (40 ms per request).

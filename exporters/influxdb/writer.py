@@ -136,11 +136,13 @@ class InfluxDBExporter:
         spool_dir: str | os.PathLike[str] | None = None,
         spool_max_bytes: int = 1 << 30,
         ints_as_float: bool = True,
+        tls_verify: bool = True,
+        tls_ca_file: str | None = None,
     ) -> None:
         self.transport = InfluxTransport(
             url, api=api, database=database, retention_policy=retention_policy,
             username=username, password=password, org=org, bucket=bucket, token=token,
-            gzip=gzip, timeout_s=timeout_s)
+            gzip=gzip, timeout_s=timeout_s, tls_verify=tls_verify, tls_ca_file=tls_ca_file)
         self.url = url
         self.api = api
         self.batch_size = batch_size
@@ -179,12 +181,13 @@ class InfluxDBExporter:
             raise ConfigError("influxdb.url is not set (e.g. http://127.0.0.1:8086)")
         return cls(
             c.url, api=c.api, database=c.database, retention_policy=c.retention_policy,
-            username=c.username, password=c.password, org=c.org, bucket=c.bucket,
-            token=c.token, create_database=c.create_database, batch_size=c.batch_size,
+            username=c.username, password=c.secret("password"), org=c.org, bucket=c.bucket,
+            token=c.secret("token"), create_database=c.create_database, batch_size=c.batch_size,
             flush_interval_s=c.flush_interval_s, gzip=c.gzip, timeout_s=c.timeout_s,
             max_retries=c.max_retries, retry_backoff_s=c.retry_backoff_s,
             max_backoff_s=c.max_backoff_s, spool_dir=c.spool_dir,
-            spool_max_bytes=c.spool_max_bytes,
+            spool_max_bytes=c.spool_max_bytes, tls_verify=c.tls_verify,
+            tls_ca_file=c.tls_ca_file,
         )
 
     @property

@@ -33,7 +33,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"{var:55s} {key}")
         return 0
     from provscope.commands import load_from_args
+    from provscope.config import redacted
 
     config = load_from_args(args)
-    print(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), end="")
+    # Passwords and tokens print as ***, URLs without passwords (docs/security.md).
+    print(yaml.safe_dump(redacted(config), sort_keys=False), end="")
     return 0
