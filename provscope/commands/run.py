@@ -70,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
     from provscope.job import identity
     from provscope.job.agent_client import AgentClient
     from provscope.records import RunRecord, TaskRecord
+    from provscope.redact import mask_argv
     from provscope.wire import request, socket_path
 
     cmd = list(args.cmd)
@@ -79,12 +80,14 @@ def run(args: argparse.Namespace) -> int:
         print("provscope: run needs a command after --, e.g. provscope run -- python train.py",
               file=sys.stderr)
         return 2
-    config = load_from_args(args, **{
+    # The command always runs: a bad setting is one warning line and keeps its default
+    # (as in a job), and no usable store means the run's records are counted and dropped.
+    config = load_from_args(args, report=_warn, **{
         "agent.socket_path": args.socket, "influxdb.url": args.influx_url,
         "lineage.url": args.lineage_url, "host": args.host})
     sock = socket_path(config)
     agent = None
-    client: AgentClient | Pipeline | None = AgentClient.try_connect(config)
+    client: AgentClient | Pipeline | _Nowhere | None = AgentClient.try_connect(config)
     if client is None:
         try:
             agent = Agent(config).start()  # lives as long as the command
@@ -93,24 +96,24 @@ def run(args: argparse.Namespace) -> int:
         except (OSError, ProvscopeError) as exc:
             # Monitoring never stops the command: without an agent, the run's own records
             # go straight to the stores; node and process telemetry are missing.
-            print(f"provscope: no agent ({exc}); running without node telemetry",
-                  file=sys.stderr)
-            from provscope.exporters.pipeline import Pipeline
-
-            client = Pipeline.from_config(config)
+            _warn(f"no agent ({exc}); running without node telemetry")
+            client = _own_pipeline(config)
         if client is None:
             client = AgentClient.try_connect(config)
-        if client is None:  # pragma: no cover - an agent listens, or we just bound one
+        if client is None:  # an agent listened a moment ago and is gone: run anyway
             if agent is not None:
                 agent.stop()
-            print(f"provscope: cannot connect to the agent at {sock}", file=sys.stderr)
-            return 1
+                agent = None
+            _warn(f"cannot connect to the agent at {sock}; the command runs unrecorded")
+            client = _Nowhere()
     host = config.host_name
     run_id = identity.resolve().run_id
     task_id = new_id()
     name = args.name or os.path.basename(cmd[0])
     cwd = os.getcwd()
-    command = shlex.join(cmd)
+    # Values of secret-looking options and KEY=VALUE words are recorded as *** (redact.names).
+    recorded = mask_argv(cmd, config.redact.names)
+    command = shlex.join(recorded)
     start_ns = time.time_ns()
     client.submit(RunRecord(run_id, name=name, host=host, start_ns=start_ns, status="running",
                             command=command, user=_user(), origin="launcher"))
@@ -127,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
         client.submit(TaskRecord(task_id, run_id, name=name, task_kind="command", host=host,
                                  pid=os.getpid(), start_ns=start_ns, end_ns=time.time_ns(),
                                  status="failed", error=str(exc),
-                                 params={"argv": cmd, "cwd": cwd}))
+                                 params={"argv": recorded, "cwd": cwd}))
         client.submit(RunRecord(run_id, end_ns=time.time_ns(), status="failed",
                                 origin="launcher"))
         _finish(client, agent)
@@ -135,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
         return 127
     client.submit(TaskRecord(task_id, run_id, name=name, task_kind="command", host=host,
                              pid=proc.pid, start_ns=start_ns, status="running",
-                             params={"argv": cmd, "cwd": cwd}))
+                             params={"argv": recorded, "cwd": cwd}))
     # If the agent went away, the command runs on regardless.
     with contextlib.suppress(OSError):
         request(sock, framing.WATCH, {"pid": proc.pid, "run_id": run_id, "rank": None,
@@ -209,7 +212,39 @@ def _wait(proc: subprocess.Popen) -> tuple[int, resource.struct_rusage | None]:
     return rc, usage
 
 
-def _finish(client: AgentClient | Pipeline, agent: Agent | None) -> None:
+def _warn(line: str) -> None:
+    print(f"provscope: {line}", file=sys.stderr)
+
+
+class _Nowhere:
+    """The run's records when no store can take them: counted, then one line at exit."""
+
+    def __init__(self) -> None:
+        self.dropped = 0
+
+    def submit(self, record: object) -> bool:
+        self.dropped += 1
+        return False
+
+    def shutdown(self, timeout_s: float | None = None) -> None:
+        if self.dropped:
+            _warn(f"{self.dropped} records of this run were dropped: no store could be used")
+
+
+def _own_pipeline(config):  # -> Pipeline | _Nowhere
+    """The run's own pipeline to its stores; a store that cannot be used (a bad URL, a
+    missing driver) is one warning line and the records are counted as dropped."""
+    from provscope.errors import ProvscopeError
+    from provscope.exporters.pipeline import Pipeline
+
+    try:
+        return Pipeline.from_config(config)
+    except (OSError, ProvscopeError) as exc:
+        _warn(f"cannot write this run's records ({exc}); the command runs unrecorded")
+        return _Nowhere()
+
+
+def _finish(client: AgentClient | Pipeline | _Nowhere, agent: Agent | None) -> None:
     client.shutdown(10.0)
     if agent is not None:
         agent.stop()

@@ -14,9 +14,12 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
+
+from provscope.redact import DEFAULT_NAMES, mask_argv
 
 __all__ = [
     "ResourceMeter",
@@ -161,10 +164,12 @@ def script_dir() -> str:
     return os.getcwd()
 
 
-def command_line() -> str:
-    """The command line that started this process, shell-quoted."""
+def command_line(names: Iterable[str] = DEFAULT_NAMES) -> str:
+    """The command line that started this process, shell-quoted, with the values of
+    secret-looking options and ``KEY=VALUE`` words as ``***`` (``provscope.redact``'s
+    rule over ``names``)."""
     argv = getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv]
-    return shlex.join(str(a) for a in argv)
+    return shlex.join(mask_argv([str(a) for a in argv], names))
 
 
 @lru_cache(maxsize=1)

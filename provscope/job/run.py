@@ -49,6 +49,7 @@ from provscope.records import (
     RunRecord,
     TaskRecord,
 )
+from provscope.redact import mask_mapping
 
 __all__ = ["Run", "Task", "detect_rank", "enabled"]
 
@@ -118,6 +119,28 @@ def _resolve_settings(settings: Any) -> Config:
 def _error_text(exc: BaseException) -> str:
     text = f"{type(exc).__qualname__}: {exc}"
     return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 3] + "..."
+
+
+DEVICE_BATCH = 10
+"""Steps whose device-tensor scalars wait before one copy to the host."""
+
+
+def on_device(value: Any) -> bool:
+    """A one-element tensor on an accelerator: reading it would synchronise the device."""
+    device = getattr(value, "device", None)
+    return getattr(device, "type", "cpu") not in ("cpu", "meta") and \
+        callable(getattr(value, "detach", None)) and value.numel() == 1
+
+
+def _to_floats(tensors: list[Any]) -> list[float]:
+    """One-element tensors to floats: one stacked copy (per device when they differ)."""
+    import torch  # only reached with tensors in hand
+
+    flat = [t.float().reshape(()) for t in tensors]
+    try:
+        return torch.stack(flat).cpu().tolist()
+    except RuntimeError:  # several devices
+        return [float(t.cpu()) for t in flat]
 
 
 def _scalar(value: Any) -> float | int | bool | str | None:
@@ -320,6 +343,11 @@ class Run:
         #: The open training step: ``log``, ``steps`` and ``watch()`` merge their fields
         #: into one ``train`` point per step (provscope/job/stepbuffer.py).
         self.step_buffer = StepBuffer(self._write_train)
+        # 0-d device tensors run.log was given (step, field, tensor): copied to the host
+        # together every DEVICE_BATCH steps, so logging a CUDA loss never syncs each step.
+        self._device_values: list[tuple[int, str, Any]] = []
+        self._device_steps = 0
+        self._device_resolver = self._resolve_device_values
         self._owner_thread = threading.get_ident()
         self._main_stack: list[str] = []
         # Tasks started and not ended (any thread): ended as killed on SIGTERM (abort).
@@ -475,6 +503,11 @@ class Run:
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
         self.finish(_stopped_by(exc), exc)  # the exception, if any, goes on unchanged
 
+    def _masked(self, obj: Any) -> Any:
+        """Task params / run config with secret-looking keys' values as ``***`` (the
+        ``redact.names`` rule, docs/security.md)."""
+        return mask_mapping(obj, self.config.redact.names) if obj else obj
+
     def _run_record(self, start: bool) -> RunRecord:
         try:
             user = getpass.getuser()
@@ -483,10 +516,11 @@ class Run:
         return RunRecord(
             run_id=self.run_id, name=self.name, parent_run_id=self.parent_run_id,
             campaign=self.campaign, user=user, host=self.host, start_ns=self._start_ns,
-            status="running", config=self.hparams if isinstance(self.hparams, dict)
+            status="running", config=self._masked(self.hparams) if isinstance(self.hparams, dict)
             else ({"value": self.hparams} if self.hparams is not None else None),
             code=capture.code_version(capture.script_dir()) or None,
-            environment=capture.environment(), command=capture.command_line(),
+            environment=capture.environment(),
+            command=capture.command_line(self.config.redact.names),
             origin=self.origin,
             heartbeat_ns=self._start_ns if self.config.client.heartbeat_s > 0 else None,
         )
@@ -588,8 +622,14 @@ class Run:
             # have torn down the store that carries its id.
             self._settle()
         try:
+            if step is None:
+                step = self.step
             skipped: list[str] | None = None
             for key, value in scalars.items():  # **scalars is a dict of our own: in place
+                if step is not None and on_device(value):
+                    self._defer(int(step), key, value)
+                    skipped = [*(skipped or ()), key]
+                    continue
                 try:
                     v = _scalar(value)
                 except Exception:
@@ -611,10 +651,9 @@ class Run:
                 # Line protocol has no NaN/Inf, so InfluxDB never sees such a loss; this
                 # flag is what the loss_nonfinite alert and the dashboards read.
                 scalars["loss_nonfinite"] = 0.0 if loss - loss == 0.0 else 1.0
-            if step is None:
-                step = self.step
             if step is not None:
-                self.step_buffer.add(int(step), scalars)
+                if scalars:
+                    self.step_buffer.add(int(step), scalars)
                 return
             if self.epoch is not None and "epoch" not in scalars:
                 scalars["epoch"] = self.epoch
@@ -622,6 +661,33 @@ class Run:
                 self.emit(Point(TRAIN, self._tags, scalars, time.time_ns()))
         except Exception:
             self.errors += 1
+
+    def _defer(self, step: int, key: str, value: Any) -> None:
+        """Keep a device tensor of step ``step`` until the batch copy (no sync now)."""
+        values = self._device_values
+        if not values or values[-1][0] != step:
+            self._device_steps += 1
+        values.append((step, key, value.detach()))
+        self.step_buffer.hold(self._device_resolver, step)
+        if self._device_steps > DEVICE_BATCH:
+            self._resolve_device_values()
+
+    def _resolve_device_values(self) -> None:
+        """Copy the deferred device tensors to the host in one copy per device and add
+        them to their steps; release the steps held for them. Never raises."""
+        pending, self._device_values = self._device_values, []
+        self._device_steps = 0
+        try:
+            if pending:
+                values = _to_floats([value for _, _, value in pending])
+                for (step, key, _), value in zip(pending, values, strict=True):
+                    fields: dict[str, Any] = {key: value}
+                    if key == "loss":
+                        fields["loss_nonfinite"] = 0.0 if value - value == 0.0 else 1.0
+                    self.step_buffer.add(step, fields)
+        except Exception:
+            self.errors += 1
+        self.step_buffer.release(self._device_resolver)
 
     def _write_train(self, fields: dict[str, Any], time_ns: int) -> None:
         """The step buffer's writer: one ``train`` point per finished step."""
@@ -670,7 +736,7 @@ class Run:
         self.emit(TaskRecord(
             task_id=task.task_id, run_id=self.run_id, parent_task_id=task.parent_task_id,
             name=name, task_kind=kind, host=self.host, rank=self.rank, pid=os.getpid(),
-            start_ns=task.start_ns, status="running", params=params,
+            start_ns=task.start_ns, status="running", params=self._masked(params),
         ))
         if args:
             for role, value in args.items():
