@@ -31,6 +31,8 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import io
+import json
+import logging
 import os
 import struct
 import threading
@@ -40,7 +42,10 @@ from pathlib import Path
 
 from provscope.safefs import open_private, private_dir
 
-__all__ = ["Spool", "SpoolBusy"]
+__all__ = ["Spool", "SpoolBusy", "read_label", "report_left"]
+
+log = logging.getLogger("provscope.spool")
+_LABEL = "destination.json"  # what a spool directory holds, for `provscope spool`
 
 _MAGIC = 0x50535031  # "PSP1"
 _HEADER = struct.Struct("<IIII")
@@ -111,6 +116,13 @@ class Spool:
         self.torn_records = 0
         self._closed = False
         self._recover()
+
+    def label(self, **what: str) -> None:
+        """Record what this directory holds (``kind``, ``destination`` as a URL without
+        credentials, ``unit``) in ``destination.json``, for ``provscope spool``. Never
+        raises."""
+        with contextlib.suppress(OSError):
+            _write_private(self.directory / _LABEL, json.dumps(what, sort_keys=True).encode())
 
     # ------------------------------------------------------------------ recovery
 
@@ -342,3 +354,22 @@ class Spool:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def read_label(directory: str | os.PathLike[str]) -> dict[str, str]:
+    """What ``Spool.label`` recorded for ``directory`` ({} when nothing readable)."""
+    try:
+        out = json.loads((Path(directory) / _LABEL).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return {str(k): str(v) for k, v in out.items()} if isinstance(out, dict) else {}
+
+
+def report_left(count: int, unit: str, directory: str | os.PathLike[str],
+                destination: str) -> None:
+    """The one line a process prints at exit when data is still spooled: how much,
+    where, for which destination, and what replays it. Nothing when ``count`` is 0."""
+    if count > 0:
+        log.warning("provscope: %d %s for %s are still spooled in %s; the next process "
+                    "writing there replays them, or run `provscope spool replay`",
+                    count, unit, destination, directory)

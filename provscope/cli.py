@@ -85,6 +85,28 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    except Exception as exc:
+        # A corrupt file, an unreachable database, a full disk: one line, never a
+        # traceback (-v shows it). Secrets are cut out of the line.
+        if args.verbose:
+            import traceback
+
+            traceback.print_exc()
+        hint = "" if args.verbose else " (run with -v for the details)"
+        print(f"provscope: {args.command}: {one_line(exc)}{hint}", file=sys.stderr)
+        return 1
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception as one line a person can act on: the database driver's own message
+    for SQLAlchemy errors (not its SQL and background link), credentials removed."""
+    from provscope.redact import redact
+
+    inner = getattr(exc, "orig", None) or exc
+    text = str(inner).strip().splitlines()
+    first = next((line.strip() for line in text if line.strip()), type(inner).__name__)
+    name = type(inner).__name__
+    return redact(first if first.startswith(name) else f"{name}: {first}")
 
 
 if __name__ == "__main__":  # pragma: no cover

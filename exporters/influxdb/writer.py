@@ -7,10 +7,14 @@ answer means.
 Response policy, per batch:
 
 - 2xx: written.
-- 400/422: the server rejected the data; retrying cannot help. The batch is dropped and
-  counted, and the server's message (which names the first offending line) is logged at
-  most once a minute. InfluxDB 1.x "partial write" answers count only the points it names
-  as dropped (``dropped=N`` plus one per unparsable line).
+- 400/422 "partial write" (InfluxDB 1.x wrote the rest): exactly the points it names
+  are counted as dropped (``dropped=N`` plus one per line it could not parse).
+- 400/422 for the whole batch (a type conflict inside the batch, a 2.x parse error):
+  the lines the message names (by text or by line number) are dropped and counted, and
+  the rest is sent again once without them; when the message names none (or the rest is
+  rejected again), the batch is halved and each half sent, down to the single lines the
+  server refuses. So a rejected point never costs its neighbours, and each is counted.
+  Messages are logged at most once a minute per kind; the counts are exact.
 - 401/403: credentials are wrong. Logged (once a minute) as an auth error; the data is
   kept in the spool, not lost, and replayed once the credentials work.
 - 404 "database not found": the database is created again and the batch retried.
@@ -23,9 +27,13 @@ Spool: while it holds anything, new batches are appended behind it (order is kep
 each ``export`` first replays it oldest-first (for at most a couple of seconds) once the
 server answers again; between failed attempts the server is probed with a growing delay
 (capped at 5 s) rather than on every batch. A new exporter on the same spool directory
-replays what an earlier process left. ``export`` returns ``SUCCESS`` once a batch is
-written or spooled (durable), ``DROP`` when the server rejected all of it, and ``RETRY``
-only when no spool could be opened and the server is unreachable; it never raises.
+replays what an earlier process left. ``export`` returns ``SUCCESS`` once every point of
+a batch is written, spooled (durable) or counted as dropped by the exporter itself (so
+``stats()`` holds every drop), and ``RETRY`` only when no spool could be opened and the
+server is unreachable; it never raises.
+
+Before encoding, every point goes through ``sanitize``'s policy (``self.policy``): names
+made storable, field types kept per series, refused points and values counted by reason.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import http.client
+import json
 import logging
 import os
 import re
@@ -43,10 +52,12 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from provscope.exporters.base import ExportResult
 from provscope.exporters.influxdb.lineprotocol import encode_lines
+from provscope.exporters.influxdb.sanitize import PointPolicy
 from provscope.exporters.influxdb.transport import InfluxTransport, TransportError, error_text
-from provscope.exporters.spool import Spool, SpoolBusy
+from provscope.exporters.spool import Spool, SpoolBusy, report_left
 
 from provscope.backoff import Backoff, backoff_delay, retry_after_seconds
+from provscope.destinations import safe_url
 from provscope.errors import ConfigError
 from provscope.forking import reset_in_child
 
@@ -62,6 +73,10 @@ _PROBE_CAP_S = 5.0  # longest wait between attempts to reach a server that was d
 _REPLAY_BUDGET_S = 2.0  # longest an export call spends replaying the spool
 _LOG_EVERY_S = 60.0
 _DROPPED_RE = re.compile(r"dropped=(\d+)")
+# InfluxDB 1.x joins one "unable to parse '<line>': <why>" per bad line with newlines.
+_UNPARSED_RE = re.compile(r"(?:^|\n)(?:partial write: )?unable to parse '")
+# 2.x names bad lines by number: "errors encountered on line(s): line 2: ...; line 5: ...".
+_LINE_NO_RE = re.compile(r"\bline (\d+):")
 _SPOOL_SLOTS = 8
 _STREAM_CHUNK = 1000  # batches of at least twice this are sent as overlapping chunks
 
@@ -158,9 +173,11 @@ class InfluxDBExporter:
         self._deadline: float | None = None  # set by flush/shutdown: no sleep past it
         self._last_log: dict[str, float] = {}
         self._closed = False
+        # The sanitisation policy: field types of this destination's series, refusals.
+        self.policy = PointPolicy(ints_as_float, name="influxdb")
         # Counters (names as in provscope.catalogue.internal).
         self.points_written = 0
-        self.points_dropped = 0  # not counting batches answered DROP (the pipeline does)
+        self.points_dropped = 0  # every point dropped, whatever the cause
         self.points_spooled = 0
         self.points_replayed = 0
         self.retries = 0
@@ -206,13 +223,16 @@ class InfluxDBExporter:
         for slot in range(_SPOOL_SLOTS):
             path = parent / (base if slot == 0 else f"{base}.{slot}")
             try:
-                return Spool(path, max_bytes=max_bytes)
+                spool = Spool(path, max_bytes=max_bytes)
             except SpoolBusy:
                 continue
             except OSError as exc:
                 log.warning("influxdb: cannot open the spool in %s (%s); without it, batches "
                             "wait in memory while the server is unreachable", path, exc)
                 return None
+            spool.label(kind="influxdb", api=self.api, destination=safe_url(self.url),
+                        database=destination, unit="points")
+            return spool
         log.warning("influxdb: all %d spool slots under %s are in use; running without a spool",
                     _SPOOL_SLOTS, parent)
         return None
@@ -234,8 +254,8 @@ class InfluxDBExporter:
         """Write one batch of points. Blocks for the retries (bounded); never raises.
 
         Returns:
-            SUCCESS when written or spooled, DROP when the server rejected the whole
-            batch, RETRY when it could be neither written nor spooled.
+            SUCCESS when every point is written, spooled or counted as dropped here;
+            RETRY when the batch could be neither written nor spooled.
         """
         try:
             return self._export(batch)
@@ -270,7 +290,7 @@ class InfluxDBExporter:
             self.last_latency_s = time.perf_counter() - start
             return ExportResult.SUCCESS
         if result == _REJECTED:
-            return ExportResult.DROP
+            return ExportResult.SUCCESS  # counted in _rejected
         if self._spool_append(body, count):
             return ExportResult.SUCCESS
         return ExportResult.RETRY
@@ -278,10 +298,10 @@ class InfluxDBExporter:
     def _prepare(self, points: Sequence[Any]) -> tuple[bytes, int] | None:
         """Encode and compress; None when no point has a writable field."""
         try:
-            lines = encode_lines(points, self._ints_as_float)
-        except ValueError:
+            lines = encode_lines(points, policy=self.policy)
+        except Exception:  # a bug must not cost the batch: encode point by point
             lines = self._encode_each(points)
-        # Points with no writable field (all None/NaN) produce no line: counted as drops.
+        # Points the policy refused produce no line (counted there by reason).
         self.points_dropped += len(points) - len(lines)
         if not lines:
             return None
@@ -333,6 +353,8 @@ class InfluxDBExporter:
         try:
             status, headers, data = self.transport.read_answer()
             result = self._handle(status, headers, data, count)
+        except _Rejected as rejected:
+            result = self._isolate(body, count, rejected.message, True)
         except (_Failure, _Split, TransportError):
             self.transport.close()
             result = self._deliver(body, count, retries=True)
@@ -340,9 +362,7 @@ class InfluxDBExporter:
 
     def _settle(self, result: str, body: bytes, count: int) -> bool:
         """Count a streamed chunk's outcome; False when it ended in the spool (or lost)."""
-        if result == _REJECTED:
-            self.points_dropped += count
-        elif result == _FAILED:
+        if result == _FAILED:
             self._spool_or_drop(body, count)
             return False
         return True
@@ -356,9 +376,9 @@ class InfluxDBExporter:
         lines = []
         for point in batch:
             try:
-                lines.extend(encode_lines((point,), self._ints_as_float))
-            except ValueError as exc:
-                self._log("encode", logging.WARNING, "influxdb: point dropped: %s", exc)
+                lines.extend(encode_lines((point,), policy=self.policy))
+            except Exception as exc:
+                self.policy.reject_points("invalid_value", 1, f"{type(exc).__name__}: {exc}")
         return lines
 
     # ------------------------------------------------------------------ delivery
@@ -399,6 +419,8 @@ class InfluxDBExporter:
                 attempt += 1
             except _Split:
                 return self._deliver_split(body, count, retries)
+            except _Rejected as rejected:
+                return self._isolate(body, count, rejected.message, retries)
 
     def _deliver_split(self, body: bytes, count: int, retries: bool) -> str:
         lines = self.transport.decompress(body).split(b"\n")
@@ -407,26 +429,49 @@ class InfluxDBExporter:
                            lines[0][:200].decode(errors="replace"))
             return _OK
         mid = len(lines) // 2
+        return self._deliver_parts([lines[:mid], lines[mid:]], retries)
+
+    def _deliver_parts(self, parts: list[list[bytes]], retries: bool) -> str:
+        """Send parts of a body in order; once one fails, the rest go to the spool."""
         failed = False
-        for half in (lines[:mid], lines[mid:]):
-            part = self.transport.compress(b"\n".join(half))
+        for lines in parts:
+            if not lines:
+                continue
+            part = self.transport.compress(b"\n".join(lines))
             if not failed:
-                result = self._deliver(part, len(half), retries=retries)
-                if result == _REJECTED:
-                    self.points_dropped += len(half)
-                    continue
-                if result == _OK:
-                    continue
+                result = self._deliver(part, len(lines), retries=retries)
+                if result != _FAILED:
+                    continue  # written, or rejected and counted
                 failed = True
-            if not self._spool_append(part, len(half)):
-                self.points_dropped += len(half)
+            if not self._spool_append(part, len(lines)):
+                self.points_dropped += len(lines)
         return _OK
 
+    def _isolate(self, body: bytes, count: int, message: str, retries: bool) -> str:
+        """A 400 for the whole batch: find the lines the server refuses, count each of
+        them as dropped and deliver every other line (see the module docstring)."""
+        lines = self.transport.decompress(body).split(b"\n")
+        if len(lines) < 2:
+            self._rejected(1, message, lines[0][:200].decode(errors="replace"))
+            return _OK
+        bad = _named_lines(message, lines)
+        if bad and len(bad) < len(lines):
+            for i in sorted(bad):
+                self._rejected(1, message, lines[i][:200].decode(errors="replace"))
+            rest = [line for i, line in enumerate(lines) if i not in bad]
+            return self._deliver_parts([rest], retries)
+        if bad:  # every line named: all refused
+            self._rejected(len(lines), message, lines[0][:200].decode(errors="replace"))
+            return _OK
+        mid = len(lines) // 2
+        return self._deliver_parts([lines[:mid], lines[mid:]], retries)
+
     def _rejected(self, count: int, message: str, first: str = "") -> None:
+        """Count ``count`` points the server refused (dropped, reason ``server``)."""
         self.batches_failed += 1
-        self._log("rejected", logging.WARNING,
-                  "influxdb: server rejected a batch of %d points (%s)%s", count, message,
-                  f"; first line: {first}" if first else "")
+        self.points_dropped += count
+        self.policy.reject_points("server", count, message[:300] + (
+            f"; line: {first}" if first else ""))
 
     def _post(self, body: bytes, count: int) -> str:
         """One request. Returns _OK/_REJECTED; raises _Failure (retryable) or _Split."""
@@ -446,7 +491,7 @@ class InfluxDBExporter:
             return _OK
         message = error_text(data) or f"HTTP {status}"
         if status in (400, 422):
-            return self._partial_or_rejected(message, count)
+            return self._partial_or_rejected(message, count, data)
         if status in (401, 403):
             raise _Failure(f"authentication failed (HTTP {status}: {message})", auth=True)
         if status == 404 and "database not found" in message:
@@ -460,21 +505,23 @@ class InfluxDBExporter:
         self._rejected(count, f"HTTP {status}: {message}")
         return _REJECTED
 
-    def _partial_or_rejected(self, message: str, count: int) -> str:
+    def _partial_or_rejected(self, message: str, count: int, data: bytes) -> str:
+        """A 400/422: count what a partial write dropped, or raise ``_Rejected``."""
         if "partial write" in message:
-            # 1.x wrote the rest: count exactly what it says it dropped.
             m = _DROPPED_RE.search(message)
-            dropped = min(count, (int(m.group(1)) if m else 0) +
-                          message.count("unable to parse"))
-            self.points_dropped += dropped
-            self.points_written += count - dropped
-            self.batches_failed += 1
-            self._log("rejected", logging.WARNING,
-                      "influxdb: server dropped %d of %d points: %s", dropped, count,
-                      message[:500])
-            return _OK
-        self._rejected(count, message[:500])
-        return _REJECTED
+            unparsed = len(_UNPARSED_RE.findall(message))
+            named = _json_line_numbers(data)
+            if m is not None or unparsed or named:
+                # 1.x/2.x ("dropped=N", "unable to parse '...'") and 3.x (one entry per
+                # line) wrote the rest: count exactly what the server says it dropped.
+                dropped = min(count, (int(m.group(1)) if m else 0) + unparsed + named)
+                self.points_written += count - dropped
+                if dropped:
+                    self._rejected(dropped, message)
+                return _OK
+        # Nothing says the rest was written: find the refused lines and send the rest
+        # again (a point written twice is stored once: same series and time).
+        raise _Rejected(message)
 
     def _create_database(self) -> None:
         try:
@@ -512,8 +559,6 @@ class InfluxDBExporter:
             result = self._deliver(body, count, retries=False)
             if result == _FAILED:
                 return
-            if result == _REJECTED:
-                self.points_dropped += count
             self.points_replayed += self.points_written - written
             spool.ack()
             self._probe.reset()
@@ -556,18 +601,22 @@ class InfluxDBExporter:
         self._closed = True
         self.transport.close()
         if self.spool is not None:
+            report_left(self.spool.pending_count, "points", self.spool.directory,
+                        safe_url(self.url))
             self.spool.close()
 
     def stats(self) -> dict[str, float]:
         """Self-metrics (``provscope.catalogue.internal``).
 
-        ``points_dropped_total`` counts drops the pipeline cannot see: spool overflow,
-        points without a writable field, partial writes, halves of split batches and
-        spooled batches rejected on replay. Whole batches answered ``DROP`` are counted by
-        the pipeline. ``batches_failed_total`` counts every rejected batch.
+        ``points_dropped_total`` counts every point dropped here: refused by the
+        sanitisation policy, rejected by the server (whole batches included), spool
+        overflow. ``points_rejected_total``/``fields_rejected_total`` and
+        ``rejected_<reason>_total`` say why (``sanitize.REASONS``);
+        ``batches_failed_total`` counts every server rejection.
         """
         spool = self.spool
         return {
+            **self.policy.stats(),
             "points_written_total": float(self.points_written),
             "points_dropped_total": float(self.points_dropped
                                           + (spool.dropped_count if spool else 0)),
@@ -596,3 +645,45 @@ class InfluxDBExporter:
 
 class _Split(Exception):
     """HTTP 413: the body is too large; split it."""
+
+
+class _Rejected(Exception):
+    """HTTP 400/422 for the whole body: find the lines the server refuses."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+def _json_line_numbers(data: bytes) -> int:
+    """The number of lines an InfluxDB 3 partial-write answer names (``data`` entries)."""
+    try:
+        entries = json.loads(data).get("data")
+    except (ValueError, AttributeError):
+        return 0
+    if not isinstance(entries, list):
+        return 0
+    return len({e.get("line_number") for e in entries if isinstance(e, dict)} - {None})
+
+
+def _named_lines(message: str, lines: list[bytes]) -> set[int]:
+    """Indexes of the lines a server's error message names: by text (1.x ``unable to
+    parse '<line>'``) or by 1-based number (2.x ``line 3:``)."""
+    bad: set[int] = set()
+    if "unable to parse '" in message:
+        index: dict[bytes, list[int]] = {}
+        for i, line in enumerate(lines):
+            index.setdefault(line, []).append(i)
+        for chunk in message.split("unable to parse '")[1:]:
+            # The quoted line may itself contain "': ", so try each candidate end.
+            for end in [m.start() for m in re.finditer("': ", chunk)] + [len(chunk)]:
+                found = index.get(chunk[:end].encode())
+                if found:
+                    bad.update(found)
+                    break
+    if not bad and "line(s)" in message:
+        for m in _LINE_NO_RE.finditer(message):
+            n = int(m.group(1)) - 1
+            if 0 <= n < len(lines):
+                bad.add(n)
+    return bad

@@ -58,7 +58,11 @@ def _sqlite_engine(url: sa.URL, *, writer: bool, busy_timeout_ms: int) -> Engine
         dbapi_conn.isolation_level = None
         cur = dbapi_conn.cursor()
         cur.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
-        if path is not None:
+        if not writer:
+            # A reader never writes: not even the WAL header into an empty file that
+            # `provscope runs` was pointed at.
+            cur.execute("PRAGMA query_only = 1")
+        elif path is not None:
             # WAL: the points writer, the lineage writer and readers share one file.
             cur.execute("PRAGMA journal_mode = WAL")
             cur.execute("PRAGMA synchronous = NORMAL")

@@ -211,6 +211,7 @@ class SqlLineageExporter:
             self.flush(min(timeout_s, 2.0))
         finally:
             if self.spool is not None:
+                self.spool.report_left()
                 self.spool.close()
             self.store.close()
 

@@ -17,8 +17,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from provscope.exporters.spool import Spool, SpoolBusy
+from provscope.exporters.spool import Spool, SpoolBusy, report_left
 
+from provscope.destinations import safe_url
 from provscope.records import record_from_dict
 
 __all__ = ["LineageSpool", "default_spool_root"]
@@ -44,6 +45,7 @@ class LineageSpool:
     def __init__(self, root: str | os.PathLike[str], url: str, max_bytes: int) -> None:
         self.root = Path(root).expanduser()
         self.name = "lineage-" + hashlib.sha1(url.encode()).hexdigest()[:12]
+        self.url = url
         self.max_bytes = max_bytes
         self._spool: Spool | None = None
         self._pid = os.getpid()
@@ -62,6 +64,8 @@ class LineageSpool:
                 continue
             try:
                 self._spool = Spool(path, max_bytes=self.max_bytes)
+                self._spool.label(kind="lineage", destination=safe_url(self.url),
+                                  unit="lineage records")
                 return self._spool
             except SpoolBusy:
                 continue
@@ -120,6 +124,13 @@ class LineageSpool:
             write(records)
             spool.ack()
             self.replayed += count
+
+    def report_left(self) -> None:
+        """One warning line when records are still spooled (at exit)."""
+        spool = self._spool
+        if spool is not None:
+            report_left(spool.pending_count, "lineage records", spool.directory,
+                        safe_url(self.url))
 
     def close(self) -> None:
         """Release the directory; what is left stays on disk for the next process."""
