@@ -27,6 +27,7 @@ COMMAND_MODULES = (
     "provscope.commands.run",
     "provscope.commands.lineage",
     "provscope.commands.config",
+    "provscope.commands.spool",
     "provscope.commands.dashboards",
     "provscope.commands.alerts",
 )
