@@ -16,6 +16,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import threading
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -48,6 +49,9 @@ if TYPE_CHECKING:
 __all__ = ["Agent", "AgentAlreadyRunning", "pidfile_path", "read_pid"]
 
 log = logging.getLogger("provscope.agent")
+
+_SWEEP_FIRST_S = 5.0  # first look for left-over spools, seconds after start
+_SWEEP_S = 60.0  # then every minute
 
 
 class AgentAlreadyRunning(ProvscopeError):
@@ -116,6 +120,9 @@ class Agent:
         self.health: HealthCollector | None = None
         self._stopped = False
         self.reaper: Reaper | None = None
+        self._stop_event = threading.Event()
+        self._sweeper: threading.Thread | None = None
+        self.spool_replayed = 0
 
     # ---------------------------------------------------------------- lock
 
@@ -222,6 +229,10 @@ class Agent:
         )
         self.scheduler.start()
         self.ingest.start()
+        if self._pipeline is None:
+            self._sweeper = threading.Thread(target=self._sweep_spools, daemon=True,
+                                             name="provscope-spool-sweep")
+            self._sweeper.start()
         self._start_reaper()
         log.info("agent started: pid %d, socket %s, host %s", self.pid, self.socket_path,
                  self.host)
@@ -235,6 +246,30 @@ class Agent:
             if callable(getattr(store, "mark_lost", None)):
                 self.reaper = Reaper(store, self.config.lineage.lost_after_s).start()
                 return
+
+    def _sweep_spools(self) -> None:
+        """Replay spool directories that earlier processes (jobs, a killed agent) left for
+        this agent's stores, ``_SWEEP_FIRST_S`` after start and then every ``_SWEEP_S``:
+        nobody has to write to the same destination again for them to arrive.
+        Directories a live process holds are skipped (that process replays them)."""
+        from provscope.exporters.spool_admin import entries, matches, replay, spool_root
+
+        wait = _SWEEP_FIRST_S
+        while not self._stop_event.wait(wait):
+            wait = _SWEEP_S
+            try:
+                for entry in entries(spool_root(self.config)):
+                    if self._stop_event.is_set():
+                        return
+                    if entry.busy or not entry.items or not matches(entry, self.config):
+                        continue
+                    out = replay(entry, self.config)
+                    self.spool_replayed += out.replayed
+                    log.info("spool %s: %d %s replayed, %d refused, %d left%s", entry.path,
+                             out.replayed, entry.unit, out.dropped, out.left,
+                             f" ({out.error})" if out.error else "")
+            except Exception:
+                log.debug("spool sweep failed", exc_info=True)
 
     # ---------------------------------------------------------------- ingest hooks
 
@@ -321,6 +356,7 @@ class Agent:
         def left() -> float:
             return max(0.0, deadline - time.monotonic())
 
+        self._stop_event.set()
         if self.ingest is not None:
             self.ingest.stop(min(2.0, left()))
         if self.scheduler is not None:
