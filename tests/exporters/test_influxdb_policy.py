@@ -26,6 +26,10 @@ class Stub:
         self.script: list[tuple[int, dict[str, str], bytes]] = []
         self.requests: list[tuple[str, dict[str, str], list[str], float]] = []
         self.max_lines: int | None = None  # answer 413 to bodies with more lines
+        # Answer 400 for the whole body when a line contains this text (as InfluxDB does
+        # for a type conflict inside one batch), with this message.
+        self.refuse: str | None = None
+        self.refuse_message = b'{"error":"field type conflict"}'
         stub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -40,6 +44,9 @@ class Stub:
                 if stub.max_lines is not None and len(lines) > stub.max_lines \
                         and self.path.startswith("/write"):
                     status, headers, body = 413, {}, b'{"error":"request too large"}'
+                elif stub.refuse is not None and self.path.startswith(("/write", "/api")) \
+                        and any(stub.refuse in line for line in lines):
+                    status, headers, body = 400, {}, stub.refuse_message
                 elif stub.script and self.path.startswith(("/write", "/api")):
                     status, headers, body = stub.script.pop(0)
                 else:
@@ -59,8 +66,9 @@ class Stub:
         threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
 
     def written(self) -> list[str]:
-        """Lines of the write requests answered 2xx, in order."""
+        """Lines of the write requests, in order (answered 2xx unless scripted or refused)."""
         return [line for path, _, lines, _ in self.requests if path.startswith(("/write", "/api"))
+                and not (self.refuse and any(self.refuse in x for x in lines))
                 for line in lines]
 
     def close(self) -> None:
@@ -122,17 +130,54 @@ def test_429_retry_after_is_capped_by_max_backoff(stub, tmp_path):
     exp.shutdown(1)
 
 
-def test_400_drops_the_batch_counts_it_and_logs_the_offending_line_once(stub, tmp_path, caplog):
-    err = b'{"error":"unable to parse \'m v= 1\': missing field value"}'
-    stub.script = [(400, {}, err), (400, {}, err)]
+def _bad_points(n: int, bad: set[int]) -> list[Point]:
+    """``n`` points of one series; those in ``bad`` carry a field the stub refuses."""
+    return [Point("m", {"h": "n1"}, {"bad" if i in bad else "v": float(i)}, i)
+            for i in range(n)]
+
+
+def test_a_whole_batch_400_costs_only_the_lines_the_server_refuses(stub, tmp_path, caplog):
+    # The message names no line (a type conflict inside the batch): the batch is halved
+    # down to the refused lines; every other point is written, each refusal counted.
+    stub.refuse = "bad="
     exp = _exporter(stub, tmp_path)
-    with caplog.at_level("WARNING", logger="provscope.exporters.influxdb"):
-        assert exp.export(_points(3)) is ExportResult.DROP
-        assert exp.export(_points(3)) is ExportResult.DROP
-    assert len(_write_lines(stub)) == 2  # never retried
-    assert exp.stats()["batches_failed_total"] == 2
-    messages = [r.getMessage() for r in caplog.records]
-    assert len(messages) == 1 and "unable to parse 'm v= 1'" in messages[0]
+    with caplog.at_level("WARNING"):
+        assert exp.export(_bad_points(64, {5, 40})) is ExportResult.SUCCESS
+        assert exp.export(_bad_points(8, {0})) is ExportResult.SUCCESS
+    assert sorted(stub.written()) == sorted(
+        [f"m,h=n1 v={i} {i}" for i in range(64) if i not in (5, 40)]
+        + [f"m,h=n1 v={i} {i}" for i in range(1, 8)])
+    stats = exp.stats()
+    assert stats["points_written_total"] == 64 - 2 + 7
+    assert stats["points_dropped_total"] == 3
+    assert stats["rejected_server_total"] == 3 and stats["points_rejected_total"] == 3
+    # One log line per kind and minute, whatever the count.
+    assert len([r for r in caplog.records if "dropped (server)" in r.getMessage()]) == 1
+    exp.shutdown(1)
+
+
+def test_a_400_naming_its_lines_retries_the_rest_once_without_them(stub, tmp_path):
+    stub.refuse = "bad="
+    stub.refuse_message = (b'{"error":"unable to parse \'m,h=n1 bad=3 3\': invalid field '
+                           b'format\\nunable to parse \'m,h=n1 bad=7 7\': invalid field format"}')
+    exp = _exporter(stub, tmp_path)
+    assert exp.export(_bad_points(10, {3, 7})) is ExportResult.SUCCESS
+    writes = _write_lines(stub)
+    assert len(writes) == 2  # the batch, then the rest once
+    assert writes[1] == [f"m,h=n1 v={i} {i}" for i in range(10) if i not in (3, 7)]
+    stats = exp.stats()
+    assert (stats["points_written_total"], stats["rejected_server_total"]) == (8, 2)
+    exp.shutdown(1)
+
+
+def test_a_v2_style_400_naming_line_numbers(stub, tmp_path):
+    stub.refuse = "bad="
+    stub.refuse_message = (b'{"code":"invalid","message":"errors encountered on line(s): '
+                           b'line 2: invalid field format"}')
+    exp = _exporter(stub, tmp_path)
+    assert exp.export(_bad_points(4, {1})) is ExportResult.SUCCESS
+    assert _write_lines(stub)[1] == ["m,h=n1 v=0 0", "m,h=n1 v=2 2", "m,h=n1 v=3 3"]
+    assert exp.stats()["rejected_server_total"] == 1
     exp.shutdown(1)
 
 
@@ -262,14 +307,16 @@ def test_a_streamed_chunk_that_keeps_failing_takes_the_rest_to_the_spool_in_orde
     exp.shutdown(1)
 
 
-def test_a_rejected_streamed_chunk_is_counted_and_the_others_are_written(stub, tmp_path):
-    stub.script = [(204, {}, b""), (400, {}, b'{"error":"unable to parse"}')]
+def test_a_refused_line_in_a_streamed_chunk_costs_only_itself(stub, tmp_path):
+    # A batch sent as chunks: the chunk with the refused line is isolated on its own.
+    stub.refuse = "bad="
     exp = _exporter(stub, tmp_path)
-    assert exp.export(_points(4000)) is ExportResult.SUCCESS
+    assert exp.export(_bad_points(4000, {1500})) is ExportResult.SUCCESS
     stats = exp.stats()
-    assert stats["points_written_total"] == 3000
-    assert stats["points_dropped_total"] == 1000
-    assert stats["batches_failed_total"] == 1
+    assert stats["points_written_total"] == 3999
+    assert stats["points_dropped_total"] == 1 and stats["rejected_server_total"] == 1
+    assert sorted(stub.written(), key=lambda line: int(line.rsplit(" ", 1)[1])) == \
+        [f"m,h=n1 v={i} {i}" for i in range(4000) if i != 1500]
     exp.shutdown(1)
 
 

@@ -48,7 +48,7 @@ def test_newline_and_trailing_backslash_in_tags_read_back_as_documented(
                 Point("m", {"t": "ends with\\"}, {"v": 2.0}, 2)])
     exp.shutdown(1)
     tags = sorted(s["tags"]["t"] for s in _select_all(influx_server, influx_db))
-    assert tags == ["ends with ", "new\\nline"]
+    assert tags == ["ends with\u29f5", "new\u240aline"]  # docs/lineprotocol.md
 
 
 def test_v1_write_without_auth_creates_the_database_and_counts_points(influx_server, tmp_path):
