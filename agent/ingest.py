@@ -239,6 +239,7 @@ class IngestServer:
         """Stop accepting, close every connection, remove the socket file."""
         deadline = time.monotonic() + timeout_s
         self._stop.set()
+        bound = self._sock is not None  # only a socket this server bound is removed
         if self._sock is not None:
             with contextlib.suppress(OSError):
                 self._sock.close()
@@ -251,8 +252,9 @@ class IngestServer:
             self._accept_thread.join(max(0.0, deadline - time.monotonic()))
         for t in self._threads:
             t.join(max(0.0, deadline - time.monotonic()))
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
+        if bound:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
 
     def stats(self) -> dict[str, float]:
         return {
