@@ -310,7 +310,8 @@ _CLASSES = {float: "float", str: "str", bool: "bool"}
 
 def _accepts(series: _Series, policy: PointPolicy) -> bool:
     """True when ``policy`` accepts the value types ``series.fast`` writes (registering
-    them for fields it has not seen); then that encoder's lines need no more checks."""
+    them for fields it has not seen); then that encoder's lines need no more checks.
+    Called only after the encoder wrote a line, i.e. for values of exactly those types."""
     measurement = series.measurement
     expect = policy.expect
     if all([expect(measurement, stored, cls) for stored, cls in series.classes]):
@@ -386,10 +387,11 @@ def encode_lines(points: Iterable[Point], ints_as_float: bool = True,
         except TypeError:  # an unhashable tag value: encode without caching
             series = _series(None, point, mode)
         fast = series.fast
-        if fast is not None and (policy is None or policy in series.checked
-                                 or _accepts(series, policy)):
+        if fast is not None:
             line = fast(fields, series.prefix, point.time_ns)
-            if line is not None:
+            # A line means the values have the encoder's types: accepted once per policy.
+            if line is not None and (policy is None or policy in series.checked
+                                     or _accepts(series, policy)):
                 add_line(line)
                 continue
         stored = clean_point(point, policy, mode)
