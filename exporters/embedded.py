@@ -12,6 +12,10 @@ Numbers and booleans go to ``value`` (booleans as 0/1), strings to ``str_value``
 tags ``run_id``, ``host`` and ``rank`` have their own indexed columns because every read
 filters on them; others stay in the JSON ``tags`` column (``json_extract`` reads them).
 Indexes: (measurement, field, time_ns) and (run_id, measurement, time_ns).
+
+Names and values follow the same policy as the InfluxDB writer
+(``provscope.exporters.influxdb.sanitize``): the same stored names, one type per field,
+refused points and values counted by reason, so both backends hold the same data.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from provscope.exporters.base import ExportResult
+from provscope.exporters.influxdb.sanitize import PointPolicy, clean_point
 
 from provscope.records import Point
 from provscope.safefs import private_sqlite
@@ -53,13 +58,21 @@ _INSERT = ("INSERT INTO points (time_ns, measurement, field, value, str_value, r
 _COLUMN_TAGS = ("run_id", "host", "rank")
 
 
-def point_rows(points: Sequence[Any]) -> list[tuple[Any, ...]]:
-    """Rows for the ``points`` table (one per field). Non-points and NaN/inf are skipped."""
+def point_rows(points: Sequence[Any], policy: PointPolicy | None = None) -> list[tuple[Any, ...]]:
+    """Rows for the ``points`` table (one per field), after the sanitisation policy (a
+    refused point or value gives no row and is counted in ``policy``). Non-points are
+    skipped."""
     rows: list[tuple[Any, ...]] = []
     append = rows.append
     tag_cache: dict[tuple[tuple[str, str], ...], str | None] = {}
-    for p in points:
-        if type(p) is not Point:
+    for raw in points:
+        if type(raw) is not Point:
+            continue
+        try:
+            p = clean_point(raw, policy)
+        except ValueError:  # no policy: an unsupported value type
+            continue
+        if p is None:
             continue
         tags = p.tags
         run_id = tags.get("run_id")
@@ -71,16 +84,16 @@ def point_rows(points: Sequence[Any]) -> list[tuple[Any, ...]]:
             rest = {k: v for k, v in tags.items() if k not in _COLUMN_TAGS}
             extra = json.dumps(rest, sort_keys=True, separators=(",", ":")) if rest else None
             tag_cache[key] = extra
-        t, m = p.time_ns, p.measurement
+        # No time: the time of writing (as InfluxDB uses its clock).
+        t = p.time_ns if p.time_ns is not None else time.time_ns()
+        m = p.measurement
         for field, value in p.fields.items():
             if isinstance(value, str):
                 append((t, m, field, None, value, run_id, host, rank, extra))
             elif isinstance(value, bool):
                 append((t, m, field, 1.0 if value else 0.0, None, run_id, host, rank, extra))
-            elif isinstance(value, int | float):
-                if isinstance(value, float) and not math.isfinite(value):
-                    continue  # InfluxDB cannot store them either
-                append((t, m, field, value, None, run_id, host, rank, extra))
+            else:  # a finite float or an int in range (the policy checked): REAL
+                append((t, m, field, float(value), None, run_id, host, rank, extra))
     return rows
 
 
@@ -114,6 +127,7 @@ class EmbeddedPointsExporter:
         self._last_log = -math.inf
         self.written = 0
         self.last_error: str | None = None
+        self.policy = PointPolicy(name="embedded")
 
     @classmethod
     def from_config(cls, config: Config) -> EmbeddedPointsExporter:
@@ -150,7 +164,7 @@ class EmbeddedPointsExporter:
         Raises:
             sqlite3.Error: the file is locked, unwritable or corrupt (nothing was written).
         """
-        rows = point_rows(points)
+        rows = point_rows(points, self.policy)
         if not rows:
             return 0
         conn = self._connect()
@@ -205,5 +219,9 @@ class EmbeddedPointsExporter:
             self._reset()
 
     def stats(self) -> dict[str, float]:
-        """``points_written_total``: field values written (one row each)."""
-        return {"points_written_total": float(self.written)}
+        """``points_written_total``: field values written (one row each);
+        ``points_dropped_total``: points the sanitisation policy refused; the
+        ``*_rejected_total`` counters by reason (as the InfluxDB writer's)."""
+        return {"points_written_total": float(self.written),
+                "points_dropped_total": float(self.policy.points_rejected),
+                **self.policy.stats()}

@@ -6,10 +6,13 @@ or counted as dropped with its reason; no clean point is lost beside a bad one.
 
 from __future__ import annotations
 
+import json
 import math
+import sqlite3
 
 import pytest
 from provscope.exporters.base import ExportResult
+from provscope.exporters.embedded import EmbeddedPointsExporter
 from provscope.exporters.influxdb.writer import InfluxDBExporter
 
 from provscope.records import Point
@@ -167,3 +170,37 @@ def test_catalogue_types_win_over_the_first_value(influx_server, influx_db, tmp_
     assert stats["rejected_type_conflict_total"] == 1
     res = influx_server.query('SELECT "logical_cpus" FROM "cpu"', influx_db)
     assert res["results"][0]["series"][0]["values"] == [[T0 + 1, 8]]
+
+
+def test_the_embedded_store_stores_and_counts_the_same(tmp_path):
+    cases = _cases()
+    losses = [Point("train", {"run_id": "r"}, {"loss": 1.0 / (i + 1)}, T0 + i)
+              for i in range(100)]
+    losses.insert(50, Point("train", {"run_id": "r"}, {"loss": "diverged"}, T0 + 1000))
+    exp = EmbeddedPointsExporter(str(tmp_path / "p.db"))
+    assert exp.export([p for p, _, _ in cases]) is ExportResult.SUCCESS
+    assert exp.export(losses) is ExportResult.SUCCESS
+    stats = exp.stats()
+    exp.shutdown(1)
+    expected: set[tuple] = set()
+    for point, stored, _ in cases:
+        if stored is not None:
+            expected |= _rows(*stored, point.time_ns)
+    for p in losses:
+        if p.fields["loss"] != "diverged":
+            expected |= _rows("train", {"run_id": "r"}, dict(p.fields), p.time_ns)
+    with sqlite3.connect(tmp_path / "p.db") as conn:
+        rows = conn.execute("SELECT measurement, run_id, host, rank, tags, field, value, "
+                            "str_value, time_ns FROM points").fetchall()
+    got = set()
+    for m, run_id, host, rank, extra, field, value, text, t in rows:
+        tags = dict(json.loads(extra)) if extra else {}
+        tags.update({k: v for k, v in (("run_id", run_id), ("host", host), ("rank", rank))
+                     if v is not None})
+        got.add((m, tuple(sorted(tags.items())), field, text if text is not None else value, t))
+    assert got == expected
+    refused = sum(stored is None for _, stored, _ in cases)
+    assert stats["points_dropped_total"] == refused + 1
+    for reason, n in (("invalid_name", 2), ("invalid_time", 1), ("invalid_value", 2),
+                      ("type_conflict", 1), ("no_field", 4)):
+        assert stats[f"rejected_{reason}_total"] == n, reason
