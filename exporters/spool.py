@@ -98,7 +98,9 @@ class Spool:
         # Owner-only and verified (provscope.safefs): spooled batches are the job's data.
         private_dir(self.directory)
         self.max_bytes = max_bytes
-        self.segment_bytes = segment_bytes or max(64 << 10, min(64 << 20, max_bytes // 16))
+        # About 1/16 of the bound per segment, so that a full spool drops its oldest
+        # sixteenth, not everything (a 64 KiB spool in 64 KiB segments dropped it all).
+        self.segment_bytes = segment_bytes or max(4 << 10, min(64 << 20, max_bytes // 16))
         self._lock_fd = open_private(self.directory / "lock", os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

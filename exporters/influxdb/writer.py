@@ -619,7 +619,10 @@ class InfluxDBExporter:
             **self.policy.stats(),
             "points_written_total": float(self.points_written),
             "points_dropped_total": float(self.points_dropped
-                                          + (spool.dropped_count if spool else 0)),
+                                          # "is not None": an empty Spool is falsy
+                                          # (len 0), and its drops must still count.
+                                          + (spool.dropped_count if spool is not None
+                                             else 0)),
             "points_spooled_total": float(self.points_spooled),
             "points_replayed_total": float(self.points_replayed),
             "retries_total": float(self.retries),
