@@ -469,6 +469,9 @@ def shown(key: str, value: Any) -> str:
     if value is not None and is_secret_name(key.rsplit(".", 1)[-1]) \
             and not key.endswith("_file"):
         return MASK
+    if isinstance(value, str) and "@" in value and key.endswith("url"):
+        # Even a malformed URL (htp:/user:pw@host) loses its password in a message.
+        return repr(re.sub(r"(?<=:)[^:@/]*(?=@)", MASK, value))
     if isinstance(value, str) and "://" in value:
         return repr(mask_url(value))
     return repr(value)

@@ -125,7 +125,8 @@ def mask_mapping(obj: Any, names: Iterable[str] = DEFAULT_NAMES) -> Any:
 
 _URL_CRED = re.compile(r"(?P<head>\b[A-Za-z][\w+.-]*://)(?P<user>[^/?#@\s:]*):(?P<pw>[^/?#@\s]*)@")
 _SECRET_QUERY = re.compile(
-    r"(?P<k>[?&](?:password|passwd|pwd|p|token|sslpassword|access_token|api_key|apikey|secret)=)"
+    r"(?P<k>(?:^|[?&\s;,(])(?:password|passwd|pwd|p|token|sslpassword|access_token|api_key|"
+    r"apikey|secret)=)"
     r"(?P<v>[^&#\s]*)", re.I)
 _AUTH_HEADER = re.compile(r"(?P<k>\b(?:Token|Bearer|Basic)\s+)(?P<v>[A-Za-z0-9._~+/=-]{8,})")
 
