@@ -87,6 +87,7 @@ class IngestServer:
         self.frames = 0
         self.rejected = 0
         self.points = 0
+        self.points_rejected = 0
         self.records = 0
         self.closed_bad = 0
 
@@ -196,8 +197,11 @@ class IngestServer:
     def _handle(self, conn: socket.socket, ftype: int, body: bytes,
                 peer: int | None = None) -> None:
         if ftype == fr.POINTS:
-            points = fr.decode_points(body)
+            points, dropped = fr.decode_points_counted(body)
             self.points += len(points)
+            if dropped:
+                # Rows a frame could not describe cost only themselves (counted).
+                self.points_rejected += dropped
             self._on_points(points)
         elif ftype == fr.RECORDS:
             records = fr.decode_records(body)
@@ -261,6 +265,7 @@ class IngestServer:
             "ingest_frames_total": float(self.frames + self.rejected),
             "ingest_frames_rejected_total": float(self.rejected),
             "ingest_points_total": float(self.points),
+            "ingest_points_rejected_total": float(self.points_rejected),
             "ingest_records_total": float(self.records),
             "ingest_connections": len(self._conns),
         }

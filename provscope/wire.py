@@ -18,6 +18,9 @@ type   name          body
 7      ACK           ``{}`` the agent's answer to WATCH
 =====  ============  ==========================================================
 
+A POINTS frame with a bad row or key entry loses only the rows concerned (counted by the
+agent); the stores' sanitisation policy judges names and values.
+
 POINTS frames carry each distinct (measurement, tags, field names) once in a key table
 and the points as flat rows of numbers referring to it, so a batch of one series costs
 little more than its numbers, and decoding parses lists of numbers rather than objects
@@ -62,6 +65,7 @@ __all__ = [
     "FrameTooLarge",
     "decode_json",
     "decode_points",
+    "decode_points_counted",
     "decode_records",
     "encode_frame",
     "encode_json",
@@ -139,44 +143,62 @@ _BAD_VALUE_TYPES = frozenset({list, dict, type(None)})
 
 
 def decode_points(body: bytes) -> list[Point]:
-    """Points of a POINTS body. Raises ``BadFrame`` naming the first bad part."""
+    """Points of a POINTS body (rows that cannot be read are left out; see
+    ``decode_points_counted``). Raises ``BadFrame`` when the body itself is unreadable."""
+    return decode_points_counted(body)[0]
+
+
+def _series_entry(entry: Any) -> tuple[str, dict, tuple[str, ...], int] | None:
+    """A key-table entry, or None when it cannot describe points."""
+    if (type(entry) is not list or len(entry) != 3 or type(entry[0]) is not str
+            or type(entry[1]) is not dict or type(entry[2]) is not list or not entry[2]):
+        return None
+    tags = entry[1]
+    if any(type(v) is not str for v in tags.values()):
+        return None
+    names = tuple(entry[2])
+    if any(type(name) is not str for name in names) or len(set(names)) != len(names):
+        return None
+    return entry[0], tags, names, len(names) + 2
+
+
+def decode_points_counted(body: bytes) -> tuple[list[Point], int]:
+    """Points of a POINTS body and the number of rows left out.
+
+    One bad part costs only the rows it describes: a key entry of the wrong shape (tag
+    values not strings, field names not distinct strings) leaves out the rows that refer
+    to it; a row of the wrong shape (index, int time, one value per field, values that
+    are numbers, bools or strings) leaves out itself. Names are not judged here: the
+    stores' sanitisation policy makes them storable or refuses the point, counted.
+
+    Raises:
+        BadFrame: the body is not JSON, or not ``{"k": [...], "p": [...]}``.
+    """
     obj = decode_json(body)
     if type(obj) is not dict or type(obj.get("k")) is not list or type(obj.get("p")) is not list:
         raise BadFrame('points body must be {"k": [...], "p": [...]}')
-    series = []
-    for entry in obj["k"]:
-        if (type(entry) is not list or len(entry) != 3 or type(entry[0]) is not str
-                or not entry[0] or type(entry[1]) is not dict or type(entry[2]) is not list
-                or not entry[2]):
-            raise BadFrame("points key entry must be [measurement, {tag: value}, [field, ...]]")
-        tags = entry[1]
-        for k, v in tags.items():
-            if type(v) is not str or not k:
-                raise BadFrame(f"tag {k!r} must be a non-empty key with a string value")
-        names = tuple(entry[2])
-        for name in names:
-            if type(name) is not str or not name:
-                raise BadFrame("field names must be non-empty strings")
-        if len(set(names)) != len(names):
-            raise BadFrame("field names of one key entry must be distinct")
-        series.append((entry[0], tags, names, len(names) + 2))
+    series = [_series_entry(entry) for entry in obj["k"]]
     n = len(series)
     out: list[Point] = []
     append = out.append
     bad = _BAD_VALUE_TYPES
+    dropped = 0
     for row in obj["p"]:
         if type(row) is not list or len(row) < 3 or type(row[0]) is not int \
                 or not 0 <= row[0] < n or type(row[1]) is not int:
-            raise BadFrame("point row must be [key index, int time_ns, value, ...]")
-        meas, tags, names, width = series[row[0]]
-        if len(row) != width:
-            raise BadFrame(f"point row has {len(row) - 2} values for {width - 2} fields")
+            dropped += 1
+            continue
+        entry = series[row[0]]
+        if entry is None or len(row) != entry[3]:
+            dropped += 1
+            continue
         values = row[2:]
-        for v in values:
-            if type(v) in bad:
-                raise BadFrame(f"field value {v!r} must be a number, bool or string")
+        if any(type(v) in bad for v in values):
+            dropped += 1
+            continue
+        meas, tags, names, _ = entry
         append(Point(meas, tags, dict(zip(names, values, strict=False)), row[1]))
-    return out
+    return out, dropped
 
 
 def decode_records(body: bytes) -> list[Any]:

@@ -162,6 +162,7 @@ AGENT = [
     _c("agent", "ingest_records_total", "count", "Lineage records received from jobs over the local socket."),
     _c("agent", "ingest_frames_total", "count", "Frames received from jobs over the local socket."),
     _c("agent", "ingest_frames_rejected_total", "count", "Frames rejected as malformed, truncated, oversized or not UTF-8."),
+    _c("agent", "ingest_points_rejected_total", "points", "Point rows of accepted frames left out because they could not be read (wrong shape, unknown series); the frame's other points are kept."),
     _g("agent", "ingest_connections", "count", "Jobs connected to the local socket now.", dtype="int"),
     _g("agent", "points_per_second", "points", "Points per second handed to the pipeline over the last interval."),
     _c("agent", "collector_errors_total", "count", "Exceptions raised by collectors."),

@@ -202,6 +202,22 @@ def _alive(pid: int) -> bool:
         return True
 
 
+def _rejections(exporters: dict) -> str:
+    """One line: points and field values each store refused, by reason ("" if none)."""
+    out = []
+    for name, stats in sorted(exporters.items()):
+        points = stats.get("points_rejected_total", 0)
+        fields = stats.get("fields_rejected_total", 0)
+        if not points and not fields:
+            continue
+        reasons = ", ".join(
+            f"{key[len('rejected_'):-len('_total')]} {value:.0f}"
+            for key, value in sorted(stats.items())
+            if key.startswith("rejected_") and key.endswith("_total") and value)
+        out.append(f"{name}: {points:.0f} points, {fields:.0f} values ({reasons})")
+    return "; ".join(out)
+
+
 def run_status(args: argparse.Namespace) -> int:
     from provscope import wire as framing
     from provscope.wire import request, socket_path
@@ -220,6 +236,9 @@ def run_status(args: argparse.Namespace) -> int:
     print(f"uptime     {status['uptime_s']:.0f} s")
     print(f"points/s   {status['points_per_s'] or 0:.1f}  (total {status['points_total']:.0f}, "
           f"dropped {status['dropped']:.0f})")
+    rejected = _rejections(status.get("exporters") or {})
+    if rejected:
+        print(f"rejected   {rejected}")
     ing = status.get("ingest", {})
     # The status request is itself a connection; do not count it as a job.
     print(f"jobs       {max(0, ing.get('ingest_connections', 1) - 1)} connected, "
