@@ -18,7 +18,7 @@ SPECS += [
     MetricSpec("train", "samples_per_second", "gauge", "count", "Training throughput in samples per second.", _JOB),
     MetricSpec("train", "tokens_per_second", "gauge", "count", "Training throughput in tokens per second.", _JOB),
     MetricSpec("train", "step_time_seconds", "gauge", "seconds", "Time of one training step: wall time on the CPU; on a GPU the device time between the step ends (CUDA events), from the step's first forward after a sampled step.", _JOB),
-    MetricSpec("train", "optimizer_step_skipped", "gauge", "1", "1 when the step's optimizer step was skipped (a GradScaler found Inf/NaN gradients), else 0; written when watch() is given scaler=.", _JOB, "int"),
+    MetricSpec("train", "optimizer_step_skipped", "gauge", "1", "1 when the step's optimizer step was skipped (a GradScaler found Inf/NaN gradients), else 0; written when watch() is given scaler=.", _JOB),
     MetricSpec("train", "grad_norm", "gauge", "1", "Global gradient norm before clipping.", _JOB),
     MetricSpec("train", "eval_loss", "gauge", "1", "Loss on the evaluation set.", _JOB),
 ]

@@ -47,6 +47,7 @@ from typing import Any
 
 import torch
 
+from provscope.job.run import on_device
 from provscope.job.stepbuffer import StepBuffer
 from provscope.pytorch import stats as ts
 from provscope.pytorch.batch import BatchCounter
@@ -64,11 +65,11 @@ class ScalerStep(functools.partial):
     __slots__ = ()
 
     def __reduce__(self) -> tuple[Any, ...]:
-        scaler = self.args[1]
+        scaler = self.args[0]
         return functools.partial, (type(scaler).step, scaler)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Any:
-        scaler = self.args[1]
+        scaler = self.args[0]
         return functools.partial(type(scaler).step, memo.get(id(scaler), scaler))
 
 
@@ -277,12 +278,12 @@ class StepClock:
                 if dt > 0:
                     fields["step_time_seconds"] = dt
         if self.scaler is not None:
-            fields["optimizer_step_skipped"] = 1 if self._skipped else 0
+            fields["optimizer_step_skipped"] = 1.0 if self._skipped else 0.0
         optimizer = self.optimizer
         if optimizer is not None and optimizer.param_groups:
             lr = optimizer.param_groups[0].get("lr")
             if isinstance(lr, torch.Tensor):
-                if lr.device.type == "cuda":
+                if on_device(lr):
                     self._pending.append((step, lr, "lr"))
                     self.buffer.hold(self._resolver, step)
                     lr = None
@@ -292,7 +293,7 @@ class StepClock:
                 fields["lr"] = float(lr)
         grad, self._grad = self._grad, None
         if grad is not None:
-            if grad.device.type == "cuda":
+            if on_device(grad):
                 self._pending.append((step, grad, "grad_norm"))
                 self.buffer.hold(self._resolver, step)
             else:
