@@ -434,16 +434,16 @@ def snapshot(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
 
 
 def difference(after: Sequence[torch.Tensor], before: list[torch.Tensor]) -> list[torch.Tensor]:
-    """``after[k] - before[k]`` for each pair, computed in place in ``before`` (a snapshot
-    that is no longer needed) to spare an allocation; returns ``before``."""
+    """The update ``before[k] - after[k]`` of each pair, computed in place in ``before`` (a
+    snapshot that is no longer needed) to spare an allocation; returns ``before``. The
+    sign is the opposite of ``after - before``, which no norm can tell apart."""
     with torch.no_grad():
         after = [local(t).detach() for t in after]
         try:
             torch._foreach_sub_(before, after)
-            torch._foreach_neg_(before)
         except (RuntimeError, TypeError, AttributeError):
             for a, b in zip(after, before, strict=True):
-                b.sub_(a).neg_()
+                b.sub_(a)
         return before
 
 

@@ -140,6 +140,6 @@ def test_update_difference_and_global_norm():
     before = ts.snapshot([torch.ones(3), torch.zeros(2)])
     after = [torch.full((3,), 2.0), torch.ones(2)]
     diff = ts.difference(after, before)
-    assert [d.tolist() for d in diff] == [[1.0, 1.0, 1.0], [1.0, 1.0]]
+    assert [d.tolist() for d in diff] == [[-1.0, -1.0, -1.0], [-1.0, -1.0]]
     norms = ts.param_norms(diff)
     assert ts.total_norm(norms).item() == pytest.approx(math.sqrt(5))
