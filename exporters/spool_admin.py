@@ -111,7 +111,8 @@ def entries(root: str | Path) -> list[Entry]:
 def matches(entry: Entry, config: Config) -> bool:
     """Whether ``entry`` holds data for a store ``config`` writes to."""
     if entry.kind == "influxdb":
-        return bool(config.influxdb.url) and entry.destination == safe_url(config.influxdb.url)
+        url = config.influxdb.url
+        return url is not None and entry.destination == safe_url(url)
     if entry.kind == "lineage":
         from provscope.exporters.lineage.engine import spool_key
 

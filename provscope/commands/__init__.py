@@ -8,21 +8,28 @@ from typing import Any
 
 from provscope.config import Config, load_config, split_override
 
-__all__ = ["load_from_args"]
+__all__ = ["load_from_args", "load_lenient"]
 
 
-def load_from_args(args: argparse.Namespace, report: Callable[[str], Any] | None = None,
-                   **extra: object) -> Config:
+def load_from_args(args: argparse.Namespace, **extra: object) -> Config:
     """The validated Config for parsed CLI args (file, env, ``--set``, command flags).
 
-    Args:
-        report: None: the first problem raises. A callable (``provscope run``, which
-            always runs its command): each problem is passed to it as one line and that
-            setting alone keeps its default.
-
     Raises:
-        ConfigError: (strict) a bad file, variable, ``--set`` or flag value (one line).
+        ConfigError: a bad file, variable, ``--set`` or flag value (one line).
     """
+    return _load(args, None, extra)
+
+
+def load_lenient(args: argparse.Namespace, report: Callable[[str], Any],
+                 **extra: object) -> Config:
+    """As ``load_from_args``, but each problem is passed to ``report`` as one line and
+    that setting alone keeps its default (``provscope run``, which always runs its
+    command). Never raises ``ConfigError``."""
+    return _load(args, report, extra)
+
+
+def _load(args: argparse.Namespace, report: Callable[[str], Any] | None,
+          extra: dict[str, object]) -> Config:
     overrides: dict[str, object] = {}
     for text in args.overrides:
         try:

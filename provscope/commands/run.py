@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     from provscope import wire as framing
     from provscope.agent.collectors.process import ProcessTree
     from provscope.agent.daemon import Agent, AgentAlreadyRunning
-    from provscope.commands import load_from_args
+    from provscope.commands import load_lenient
     from provscope.errors import ProvscopeError
     from provscope.ids import new_id
     from provscope.job import identity
@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     # The command always runs: a bad setting is one warning line and keeps its default
     # (as in a job), and no usable store means the run's records are counted and dropped.
-    config = load_from_args(args, report=_warn, **{
+    config = load_lenient(args, _warn, **{
         "agent.socket_path": args.socket, "influxdb.url": args.influx_url,
         "lineage.url": args.lineage_url, "host": args.host})
     sock = socket_path(config)

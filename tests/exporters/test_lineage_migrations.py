@@ -121,11 +121,15 @@ def test_exporter_keeps_records_while_schema_is_newer_and_logs_once(url, caplog)
 
 @pytest.mark.parametrize("bad", ["mysql://u@h/db", "not a url", "mongodb://h/x"])
 def test_unsupported_lineage_url_is_a_one_line_config_error(bad):
-    config = load_config(overrides={"lineage.url": bad}, environ={})
+    # Checked when the configuration is loaded, before any exporter exists.
     with pytest.raises(ConfigError) as info:
-        SqlLineageExporter.from_config(config)
+        load_config(overrides={"lineage.url": bad}, environ={})
+    assert "lineage.url" in str(info.value)
     assert "sqlite:///" in str(info.value) and "postgresql://" in str(info.value)
     assert "\n" not in str(info.value)
+    # The exporter still refuses one given directly (not through the configuration).
+    with pytest.raises(ConfigError):
+        SqlLineageExporter(bad)
 
 
 def test_postgresql_url_maps_to_the_psycopg3_driver():
