@@ -432,12 +432,17 @@ def _read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
         text = Path(path).expanduser().read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"config file {str(path)!r} cannot be read: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {str(path)!r} is not UTF-8 text (byte {exc.start}); "
+                          "allowed: a YAML document in UTF-8") from None
     try:
         loaded = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+        # One line: a reader error's text spans two ("... in <unicode string>, position 0").
+        problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
+        raise ConfigError(f"{path}{where}: not valid YAML ({problem})") from None
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):

@@ -419,6 +419,9 @@ def resolve_run_id(prefix: str, *, config: Config | None = None) -> str:
     Raises:
         ProvscopeError: no run, or several runs, match (one line naming them).
     """
+    if not isinstance(prefix, str):
+        raise ProvscopeError(f"run id {prefix!r} is not a string; `provscope runs` lists "
+                             "the recorded runs")
     prefix = prefix.strip()
     if not prefix:
         raise ProvscopeError("run id is empty; `provscope runs` lists the recorded runs")
@@ -466,16 +469,31 @@ def _to_ns(value: TimeLike) -> int | None:
     """Unix ns from int (ns), float (Unix seconds), ISO string, datetime or Timestamp."""
     if value is None:
         return None
+    allowed = ("allowed: int Unix ns, float Unix seconds, an ISO 8601 string or a datetime, "
+               "between 1677-09-22 and 2262-04-11")
     if isinstance(value, bool):
-        raise TypeError("time must be int ns, float seconds, ISO string or datetime, not bool")
+        raise ProvscopeError(f"time {value!r} is a bool; {allowed}")
     if isinstance(value, int):
-        return value
-    if isinstance(value, float):
-        return int(value * 1e9)
-    ts = pd.Timestamp(value)
-    if ts.tzinfo is None:
-        ts = ts.tz_localize("UTC")
-    return int(ts.value)
+        ns = value
+    elif isinstance(value, float):
+        if value != value or abs(value) > 9.2e9:  # NaN, infinities, beyond int64 ns
+            raise ProvscopeError(f"time {value!r} is out of range; {allowed}")
+        ns = int(value * 1e9)
+    else:
+        try:
+            ts = pd.Timestamp(value)
+            if ts.tzinfo is None:
+                ts = ts.tz_localize("UTC")
+            ns = int(ts.value)
+        except (ValueError, TypeError, OverflowError) as exc:
+            text = " ".join(str(exc).split())[:120]
+            raise ProvscopeError(f"time {str(value)[:60]!r} is not a time ({text}); "
+                                 f"{allowed}") from None
+        if ts is pd.NaT:
+            raise ProvscopeError(f"time {str(value)[:60]!r} is not a time; {allowed}")
+    if not -(2**63) <= ns < 2**63:
+        raise ProvscopeError(f"time {value!r} is out of range; {allowed}")
+    return ns
 
 
 def series(measurement: str, field: str | None = None, run_id: str | None = None,
