@@ -133,14 +133,13 @@ def on_device(value: Any) -> bool:
 
 
 def _to_floats(tensors: list[Any]) -> list[float]:
-    """One-element tensors to floats: one stacked copy (per device when they differ)."""
-    import torch  # only reached with tensors in hand
-
+    """One-element tensors to floats in one copy to the host: gathered into one tensor on
+    the first one's device with device-side copies, then copied once."""
     flat = [t.float().reshape(()) for t in tensors]
-    try:
-        return torch.stack(flat).cpu().tolist()
-    except RuntimeError:  # several devices
-        return [float(t.cpu()) for t in flat]
+    gathered = flat[0].new_zeros(len(flat))
+    for k, t in enumerate(flat):
+        gathered[k] = t  # a device-side copy; one from another device copies across
+    return gathered.cpu().tolist()
 
 
 def _scalar(value: Any) -> float | int | bool | str | None:

@@ -49,7 +49,10 @@ def install(module: nn.Module, *, pre: Callable[[Any, tuple, dict], None] | None
     call of ``module`` (compiled with ``module.compile()``), outside its compiled code."""
     call = module.__dict__.get("_compiled_call_impl")
     if not isinstance(call, CompiledCall):
-        call = CompiledCall(module._compiled_call_impl, module)
+        original = module._compiled_call_impl
+        if original is None:
+            raise ValueError(f"{type(module).__name__} is not compiled with module.compile()")
+        call = CompiledCall(original, module)
         module._compiled_call_impl = call
     if pre is not None:
         call.pre.append(pre)

@@ -87,7 +87,7 @@ def compiled_inside(model: nn.Module) -> set[int]:
         if id(module) in inside:
             continue
         if is_optimized_module(module):
-            inside.update(id(m) for m in module._orig_mod.modules())
+            inside.update(id(m) for m in cast(nn.Module, module._orig_mod).modules())
         elif compiled_by_method(module):
             inside.update(id(m) for m in module.modules())
     return inside
@@ -219,7 +219,7 @@ def select_layers(
         elif is_optimized_module(module):
             target = module
         params = []
-        owner = target._orig_mod if is_optimized_module(target) else target
+        owner = cast(nn.Module, target._orig_mod) if is_optimized_module(target) else target
         recurse = depth is not None or (is_optimized_module(target)
                                          and next(owner.children(), None) is None)
         for pname, param in owner.named_parameters(recurse=recurse):

@@ -216,16 +216,18 @@ class ActivationStats:
         for device in set(self._spaces) | set(self._direct):
             space = self._spaces.get(device)
             direct = self._direct.get(device, [])
-            slotted = space is not None and bool(space.filled)
-            parts = [_row_stats(space.block[: space.used], space.cuda)] if slotted else []
+            parts: list[torch.Tensor] = []
+            if space is not None and space.filled:
+                parts.append(_row_stats(space.block[: space.used], space.cuda))
             parts.extend(stats for _, stats in direct)
             if not parts:
                 continue
-            values = torch.cat(parts, dim=1).double().cpu().numpy()
+            values: np.ndarray = torch.cat(parts, dim=1).double().cpu().numpy()
             offset = 0
-            if slotted:
+            if space is not None and space.filled:
                 order = sorted(space.slots.items(), key=lambda item: item[1].row)
-                reduced = _reduce_rows(values[:, : space.used], [s.row for _, s in order])
+                used = space.used
+                reduced = _reduce_rows(values[:, :used], [s.row for _, s in order])
                 keep = [k for k, (layer, _) in enumerate(order) if layer in space.filled]
                 layers.extend(order[k][0] for k in keep)
                 numel.extend(order[k][1].numel for k in keep)
