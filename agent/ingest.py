@@ -181,6 +181,8 @@ class IngestServer:
                         self.rejected += 1
                         bad_in_a_row += 1
                         log.debug("ingest: frame rejected: %s", exc)
+                    except OSError:
+                        return  # the peer left before its answer (STATUS, WATCH) was sent
                     if bad_in_a_row >= _MAX_BAD_IN_A_ROW:
                         self.closed_bad += 1
                         log.warning("ingest: %d bad frames in a row; connection closed",
