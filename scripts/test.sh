@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install everything the test suite needs, then run it all.
 #  - Debian packages (as root, only when missing): influxdb, prometheus, postgresql,
-#    docker-compose.
+#    docker-compose, victoria-metrics.
 #  - A virtual environment .venv with torch==2.13.0 (the CPU wheel) and provscope[dev,torch].
 #  - ruff; the structure checks (import-linter contracts, mypy over the whole package);
 #    then pytest with a node agent listening on the default socket (a private
@@ -13,6 +13,8 @@ cd "$(dirname "$0")/.."
 need=()
 command -v influxd >/dev/null || need+=(influxdb)
 command -v prometheus >/dev/null || need+=(prometheus)
+# VictoriaMetrics takes InfluxDB's v2 /api/v2/write: the v2 write path's real server.
+command -v victoria-metrics >/dev/null || need+=(victoria-metrics)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
 # docker-compose (1.29) parses and prints docker-compose.yml in tests/alerts without an engine.
 command -v docker-compose >/dev/null || need+=(docker-compose)

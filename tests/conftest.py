@@ -11,7 +11,12 @@ import uuid
 import pytest
 
 from provscope.testing.required import unavailable
-from provscope.testing.servers import InfluxServer, PostgresServer, ServerUnavailable
+from provscope.testing.servers import (
+    InfluxServer,
+    PostgresServer,
+    ServerUnavailable,
+    VictoriaMetricsServer,
+)
 
 
 def _running(server_class):
@@ -44,6 +49,15 @@ def influx_db(influx_server) -> str:
     name = "t_" + uuid.uuid4().hex[:12]
     influx_server.create_database(name)
     return name
+
+
+@pytest.fixture(scope="session")
+def victoria_server():
+    """A running VictoriaMetrics shared by the session: InfluxDB's v2 write API
+    (``/api/v2/write``) and v1 ``/write`` on a real server."""
+    server = _running(VictoriaMetricsServer)
+    yield server
+    server.close()
 
 
 @pytest.fixture(scope="session")

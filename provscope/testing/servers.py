@@ -1,4 +1,5 @@
-"""Throwaway real servers for tests and benchmarks: InfluxDB 1.x, PostgreSQL, Prometheus.
+"""Throwaway real servers for tests and benchmarks: InfluxDB 1.x, PostgreSQL, Prometheus,
+VictoriaMetrics (which takes InfluxDB's v1 ``/write`` and v2 ``/api/v2/write``).
 
 Each server runs from the Debian binaries in a temp dir on a free 127.0.0.1 port, is
 stopped by pid, and can be stopped and started again on the same port and data (to test
@@ -26,6 +27,7 @@ __all__ = [
     "PostgresServer",
     "PrometheusServer",
     "ServerUnavailable",
+    "VictoriaMetricsServer",
     "free_port",
 ]
 
@@ -245,4 +247,60 @@ class PrometheusServer:
 
     def close(self) -> None:
         _stop_pid(self.proc)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class VictoriaMetricsServer:
+    """VictoriaMetrics (Debian's ``victoria-metrics``) on a free port, data in a temp dir.
+
+    It accepts line protocol on ``/write`` (v1) and ``/api/v2/write`` (v2: org, bucket and
+    token are accepted and not checked); a field is stored as the series
+    ``<measurement>_<field>`` with the tags as labels (v1 adds ``db``). Read back with
+    ``export`` (``/api/v1/export``). ``-search.latencyOffset=0s`` makes points queryable
+    at once.
+
+    Attributes:
+        url: ``http://127.0.0.1:<port>``.
+    """
+
+    def __init__(self) -> None:
+        binary = shutil.which("victoria-metrics")
+        if not binary:
+            raise ServerUnavailable("victoria-metrics not found: apt-get install -y "
+                                    "victoria-metrics")
+        self.binary: str = binary
+        self.dir = Path(tempfile.mkdtemp(prefix="provscope-vm-"))
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout_s: float = 30.0) -> VictoriaMetricsServer:
+        """Start (or restart) on the same port and data. Blocks until /health answers."""
+        log = open(self.dir / "vm.log", "ab")  # noqa: SIM115 - owned by the process
+        self.proc = subprocess.Popen(
+            [self.binary, f"-httpListenAddr=127.0.0.1:{self.port}",
+             f"-storageDataPath={self.dir}/data", "-retentionPeriod=100y",
+             "-search.latencyOffset=0s", "-search.disableCache", "-loggerLevel=WARN"],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        log.close()
+        _wait(lambda: urllib.request.urlopen(self.url + "/health", timeout=1).status == 200,
+              timeout_s, "victoria-metrics", self.dir / "vm.log")
+        return self
+
+    def export(self, match: str = '{__name__!=""}') -> list[dict]:
+        """Every stored sample of the series ``match`` selects: one dict per series
+        (``metric`` labels, ``values``, ``timestamps`` in milliseconds). Flushes first."""
+        with urllib.request.urlopen(self.url + "/internal/force_flush", timeout=10):
+            pass
+        q = urllib.parse.urlencode({"match[]": match, "start": "0"})
+        with urllib.request.urlopen(f"{self.url}/api/v1/export?{q}", timeout=30) as r:
+            return [json.loads(line) for line in r.read().decode().splitlines() if line]
+
+    def stop(self) -> None:
+        _stop_pid(self.proc)
+        self.proc = None
+
+    def close(self) -> None:
+        self.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
