@@ -11,8 +11,9 @@ import argparse
 import importlib.util
 import re
 import time
+from pathlib import Path
 
-from provscope.destinations import destinations
+from provscope.destinations import absolute_paths, destinations
 from provscope.errors import ConfigError, ProvscopeError
 
 __all__ = ["register"]
@@ -76,8 +77,14 @@ def run_demo(args: argparse.Namespace) -> int:
     if importlib.util.find_spec("torch") is None:
         raise ProvscopeError("provscope demo needs PyTorch; install it with "
                              "pip install 'provscope[torch]'") from None
+    from provscope import fallback
     from provscope.demo import train
 
+    out_dir = Path(args.out).expanduser().absolute()
+    reason = fallback.unwritable(str(out_dir / "checkpoint.probe"))
+    if reason is not None:
+        raise ProvscopeError(f"cannot write the checkpoint directory {out_dir} ({reason}); "
+                             "give --out DIR in a writable place")
     result = train(config, seconds=args.seconds, steps=args.steps, out_dir=args.out,
                    progress=not args.no_progress, watch=not args.no_watch)
     wall = time.perf_counter() - start
@@ -88,7 +95,12 @@ def run_demo(args: argparse.Namespace) -> int:
     if result.sink_mode == "agent":
         print("Data went to the provscope agent on this node, which writes it to its stores.")
     else:
-        where = destinations(config)  # no credentials, absolute paths
+        used = absolute_paths(config)
+        if fallback.unwritable(used.embedded.path) is not None:
+            stand_in = fallback.fallback_dir(used.embedded.path) / "provscope.db"
+            used = used.model_copy(update={"embedded": used.embedded.model_copy(
+                update={"path": str(stand_in)})})
+        where = destinations(used)  # no credentials, absolute paths
         print("Data went to:")
         print(f"  time series  {where['time_series']}")
         print(f"  lineage      {where['lineage']}")

@@ -67,9 +67,17 @@ def _chosen(found, names: list[str], root: Path):  # -> list[Entry] | None
 
 
 def _status(found, root: Path, as_json: bool) -> int:
+    from provscope import fallback
+
+    stand_ins = fallback.pending()
     if as_json:
-        print(json.dumps({"root": str(root), "spools": [e.as_dict() for e in found]}, indent=2))
+        print(json.dumps({"root": str(root), "spools": [e.as_dict() for e in found],
+                          "stand_ins": [{"intended": i, "path": str(p)}
+                                        for i, p in stand_ins]}, indent=2))
         return 0
+    for intended, path in stand_ins:
+        print(f"{path}  embedded store written while {intended} could not be written; "
+              "moved there by the next provscope process that can write it")
     if not found:
         print(f"nothing spooled under {root}")
         return 0

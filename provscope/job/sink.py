@@ -148,7 +148,7 @@ def _default_factory(config: Config) -> tuple[str, Any]:
         from provscope.exporters.pipeline import Pipeline
 
         try:
-            pipeline = Pipeline.from_config(absolute_paths(config))
+            pipeline = Pipeline.from_config(_own_stores(absolute_paths(config)))
         except BaseException:
             client.shutdown(0.0)
             raise
@@ -158,13 +158,27 @@ def _default_factory(config: Config) -> tuple[str, Any]:
     from provscope.destinations import absolute_paths
     from provscope.exporters.pipeline import Pipeline
 
-    config = absolute_paths(config)  # the files stay where they were named, whatever chdir
+    # The files stay where they were named, whatever chdir; an unwritable one is replaced.
+    config = _own_stores(absolute_paths(config))
     pipeline = Pipeline.from_config(config)
     telemetry.start(config, pipeline)  # the job samples itself: no agent does it
     return "embedded", pipeline
 
 
 _factory: Callable[[Config], tuple[str, Any]] = _default_factory
+
+#: The embedded file each configuration's records really go to (a stand-in when the
+#: named one cannot be written: provscope/fallback.py), for the line that says where.
+_redirected: dict[str, str] = {}
+
+
+def _own_stores(config: Config) -> Config:
+    from provscope import fallback
+
+    used = fallback.redirect(config)
+    if used.embedded.path != config.embedded.path:
+        _redirected[config.embedded.path] = used.embedded.path
+    return used
 
 
 def set_factory(factory: Callable[[Config], tuple[str, Any]] | None) -> None:
@@ -185,6 +199,13 @@ def _where(mode: str, backend: Any, config: Config) -> str:
         return f"the node agent on {path}" + (
             f", which writes {describe(agent_where)}" if agent_where else "")
     if mode == "embedded":
+        from provscope.destinations import absolute_paths
+
+        anchored = absolute_paths(config)
+        stand_in = _redirected.get(anchored.embedded.path)
+        if stand_in is not None:
+            config = anchored.model_copy(update={
+                "embedded": anchored.embedded.model_copy(update={"path": stand_in})})
         text = describe(destinations(config))
         agent = getattr(backend, "agent", None)
         if agent is not None:
