@@ -470,9 +470,11 @@ class Run:
         """
         if self.status not in ("running", "created"):
             return
-        if status not in RUN_STATUSES or status == "running":
+        # running and lost are not ends a job gives itself (lost: the heartbeat stopped).
+        ends = [s for s in RUN_STATUSES if s not in ("running", "lost")]
+        if status not in ends:
             self._warn_once(f"status:{status}", f"run status {status!r} is not one of "
-                            f"{', '.join(RUN_STATUSES[1:])}; recorded as 'failed'")
+                            f"{', '.join(ends)}; recorded as 'failed'")
             status = "failed"
         try:
             self.step_buffer.complete()  # the last step's point, before the run ends
