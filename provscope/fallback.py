@@ -113,7 +113,7 @@ def redirect(config: Config) -> Config:
 
 def pending() -> list[tuple[str, Path]]:
     """``(intended path, stand-in file)`` of every stand-in waiting to be moved back."""
-    out = []
+    out: list[tuple[str, Path]] = []
     root = _root()
     if not root.is_dir():
         return out
