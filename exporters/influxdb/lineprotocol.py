@@ -66,8 +66,9 @@ __all__ = ["encode_batch", "encode_lines", "encode_point"]
 _ESCAPE_MEASUREMENT = str.maketrans({",": r"\,", " ": r"\ "})
 _ESCAPE_KEY = str.maketrans({",": r"\,", "=": r"\=", " ": r"\ "})
 # Lone surrogates cannot be UTF-8 encoded: they become U+FFFD in the same C loop.
-_ESCAPE_STRING = str.maketrans({'"': r"\"", "\\": r"\\",
-                                **{c: "\ufffd" for c in range(0xD800, 0xE000)}})
+_STRING_TABLE: dict[int | str, str] = {c: "\ufffd" for c in range(0xD800, 0xE000)}
+_STRING_TABLE.update({'"': r"\"", "\\": r"\\"})
+_ESCAPE_STRING = str.maketrans(_STRING_TABLE)
 
 # Caches: names, tag sets and field-key sets repeat from point to point (bounded
 # cardinality by design), so their escaped and sorted forms are computed once. Each cache
@@ -338,7 +339,7 @@ def _encode_stored(point: Point, ints_as_float: bool) -> str:
             suffix = _int_suffix(measurement, k) if ints_as_float else "i"
             values.append(f"{key_eq}{value}{suffix}")
         else:
-            values.append(key_eq + '"' + value.translate(_ESCAPE_STRING) + '"')
+            values.append(key_eq + '"' + str(value).translate(_ESCAPE_STRING) + '"')
     line = ",".join(parts) + " " + ",".join(values)
     return line if point.time_ns is None else f"{line} {point.time_ns}"
 

@@ -277,7 +277,7 @@ def clean_point(point: Point, policy: PointPolicy | None = None,
     time_ns = point.time_ns
     if not _time_ok(time_ns):
         try:
-            time_ns = int(time_ns)  # type: ignore[arg-type]
+            time_ns = int(time_ns)
         except (TypeError, ValueError, OverflowError):
             time_ns = TIME_MAX + 1
         if not TIME_MIN <= time_ns <= TIME_MAX:
@@ -296,32 +296,32 @@ def clean_point(point: Point, policy: PointPolicy | None = None,
             policy.reject_points("invalid_name", 1, "series key longer than 65535 bytes")
         return None
     fields: dict[str, Any] = {}
-    for key, value in sorted(point.fields.items(), key=_sort_key):
-        if value is None:
+    for fkey, fvalue in sorted(point.fields.items(), key=_sort_key):
+        if fvalue is None:
             continue
-        k = clean_key(key)
+        k = clean_key(fkey)
         if not k or k in fields:
             if policy is not None:
-                policy.reject_field("invalid_name", measurement, key,
+                policy.reject_field("invalid_name", measurement, fkey,
                                     "empty key" if not k else f"same key as another: {k!r}")
             continue
-        cls, out = value_class(measurement, k, value, ints_as_float)
+        cls, out = value_class(measurement, k, fvalue, ints_as_float)
         if cls is None:
             if out == "unsupported":
                 if policy is None:
                     raise ValueError(
-                        f"field {key!r} of measurement {point.measurement!r}: a value of "
-                        f"type {type(value).__name__} cannot be written (allowed: float, "
+                        f"field {fkey!r} of measurement {point.measurement!r}: a value of "
+                        f"type {type(fvalue).__name__} cannot be written (allowed: float, "
                         "int, bool, str)")
-                policy.reject_field("invalid_value", measurement, key,
-                                    f"type {type(value).__name__} (allowed: float, int, "
+                policy.reject_field("invalid_value", measurement, fkey,
+                                    f"type {type(fvalue).__name__} (allowed: float, int, "
                                     "bool, str)")
             elif policy is not None:
-                policy.reject_field("invalid_value", measurement, key, f"value {value!r:.80}")
+                policy.reject_field("invalid_value", measurement, fkey, f"value {fvalue!r:.80}")
             continue
         if policy is not None and not policy.expect(measurement, k, cls):
             held = policy.field_type(measurement, k)
-            policy.reject_field("type_conflict", measurement, key,
+            policy.reject_field("type_conflict", measurement, fkey,
                                 f"a {cls} where the field holds {held}")
             continue
         fields[k] = out
@@ -332,7 +332,7 @@ def clean_point(point: Point, policy: PointPolicy | None = None,
         return None
     # Sorted by the stored keys: the order line protocol writers use.
     return Point(measurement, dict(sorted(tags.items())), dict(sorted(fields.items())),
-                 time_ns)  # type: ignore[arg-type]
+                 time_ns)
 
 
 def _sort_key(item: tuple[Any, Any]) -> str:
