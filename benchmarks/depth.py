@@ -11,8 +11,13 @@ default embedded store, in a temporary directory), so every watched step is a sa
 step. They alternate in blocks of steps in ABBA order, so load from elsewhere hits both
 alike. The figure is the extra time of a sampled step over the bare step, divided by the
 number of watched leaves: ``(total watched time - total bare time) / steps / leaves``,
-in milliseconds. Target: <= 0.05 ms per leaf, and within 20 % of that from 32 to 1,024
-leaves (``flatness``: the largest per-leaf figure over the smallest).
+in milliseconds. ``host_ms_per_leaf`` counts the CPU time of the training thread (its
+host time: hooks, reductions, the copy to the host, building the points), which other
+processes on the machine do not inflate; ``wall_ms_per_leaf`` beside it is wall time,
+which also carries the embedded store's background thread writing the layer points (one
+SQLite row per field value) on the same cores. Target: host <= 0.05 ms per leaf, and
+within 20 % of that from 32 to 1,024 leaves (``flatness``: the largest per-leaf figure
+over the smallest).
 """
 
 from __future__ import annotations
@@ -48,15 +53,15 @@ def measure(leaves: int, steps: int, block: int, db: str) -> dict[str, float]:
     opt_w = torch.optim.SGD(watched.parameters(), lr=1e-3)
     x = torch.randn(BATCH, WIDTH)
 
-    def step(model, opt) -> float:
-        t0 = time.perf_counter()
+    def step(model, opt) -> tuple[float, float]:
+        t0, c0 = time.perf_counter(), time.thread_time()
         loss = model(x).square().mean()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, time.thread_time() - c0
 
-    totals = {"bare": 0.0, "watched": 0.0}
+    totals = {"bare": 0.0, "watched": 0.0, "bare_cpu": 0.0, "watched_cpu": 0.0}
     # The embedded store in a private directory; no agent on this machine is reached, and
     # no in-job telemetry thread competes with the loop.
     settings = {"embedded.path": db, "agent.socket_path": db + ".no-agent.sock",
@@ -71,7 +76,9 @@ def measure(leaves: int, steps: int, block: int, db: str) -> dict[str, float]:
         while done < steps:
             for name, model, opt in order:
                 for _ in range(block):
-                    totals[name] += step(model, opt)
+                    wall, cpu = step(model, opt)
+                    totals[name] += wall
+                    totals[name + "_cpu"] += cpu
             order.reverse()
             done += block
         stats = w.stats()
@@ -98,13 +105,21 @@ def main() -> None:
         t = measure(leaves, steps, block, db)
         bare_ms = t["bare"] / steps * 1e3
         sampled_ms = t["watched"] / steps * 1e3
-        value = (sampled_ms - bare_ms) / leaves
+        bare_cpu = t["bare_cpu"] / steps * 1e3
+        sampled_cpu = t["watched_cpu"] / steps * 1e3
+        wall = (sampled_ms - bare_ms) / leaves
+        value = (sampled_cpu - bare_cpu) / leaves
         per_leaf.append(value)
-        print(f"# {leaves} leaves: bare step {bare_ms:.2f} ms, sampled step {sampled_ms:.2f} ms, "
-              f"{value:.4f} ms per leaf", file=sys.stderr)
+        print(f"# {leaves} leaves: training thread CPU {bare_cpu:.2f} -> {sampled_cpu:.2f} ms "
+              f"per step, {value:.4f} ms per leaf; wall {bare_ms:.2f} -> {sampled_ms:.2f} ms, "
+              f"{wall:.4f} ms per leaf", file=sys.stderr)
         figures.append(figure("depth", "host_ms_per_leaf", value, "ms", "lower",
-                              baseline="bare step", baseline_value=bare_ms, leaves=leaves,
-                              sampled_step_ms=round(sampled_ms, 3), target=0.05))
+                              baseline="bare step (training thread CPU ms)",
+                              baseline_value=bare_cpu, leaves=leaves,
+                              sampled_step_cpu_ms=round(sampled_cpu, 3), target=0.05))
+        figures.append(figure("depth", "wall_ms_per_leaf", wall, "ms", "lower",
+                              baseline="bare step (wall ms)", baseline_value=bare_ms,
+                              leaves=leaves, sampled_step_ms=round(sampled_ms, 3)))
     low = min(v for v in per_leaf if v > 0) if any(v > 0 for v in per_leaf) else 0.0
     figures.append(figure("depth", "flatness", max(per_leaf) / low if low else float("nan"),
                           "ratio", "lower", leaves=f"{depths[0]}-{depths[-1]}", target=1.2))
