@@ -226,6 +226,9 @@ class Agent:
             on_hello=self._on_hello,
             on_watch=self._on_watch,
             status=self.status,
+            # A job's frame is acknowledged once the pipeline has written, spooled or
+            # counted every record of it (at-least-once delivery across an agent restart).
+            durable=self.pipeline.durable,
         )
         self.scheduler.start()
         self.ingest.start()

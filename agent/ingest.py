@@ -11,6 +11,14 @@ The PIDs in HELLO and WATCH frames are the sender's view; a job in a container h
 own PID namespace. Each connection's peer PID (``SO_PEERCRED``, already in the agent's
 namespace) turns them into PIDs the agent's process collector and NVML (host PIDs) can
 match (``provscope.agent.peer``).
+
+Acknowledged delivery (``provscope.wire``, protocol version 2): a job whose hello asks
+for acks gets DURABLE frames saying how many of its data frames are durable. The
+``on_points``/``on_records`` callbacks return a mark for the records of each frame and
+``durable(mark)`` says when they are settled (the node agent passes the pipeline's
+``submit_many`` and ``durable``); without ``durable`` a frame counts as durable once its
+callback returned. The connection's reader thread checks its marks after every read and,
+while some are outstanding, at least every ``_ACK_POLL_S``.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import socket
 import stat
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -39,7 +48,21 @@ log = logging.getLogger("provscope.ingest")
 
 # A connection whose frames are nearly all rejected is a broken or hostile sender.
 _MAX_BAD_IN_A_ROW = 1000
+# How often a connection that wants acks looks at its outstanding marks while idle (an
+# exporter settles a batch a flush interval after it arrived, not when the job writes).
+_ACK_POLL_S = 0.05
 
+
+class _Acks:
+    """One connection's data frames and the marks of those not yet known durable."""
+
+    __slots__ = ("enabled", "frames", "marks", "sent")
+
+    def __init__(self) -> None:
+        self.enabled = False  # the peer's hello asked for DURABLE frames
+        self.frames = 0  # data frames received on this connection
+        self.marks: deque[tuple[int, Any]] = deque()  # (frame number, mark), oldest first
+        self.sent = -1  # the n of the last DURABLE frame sent
 
 
 
@@ -53,6 +76,9 @@ class IngestServer:
         on_hello: receives ``(pid, run_id, rank)`` of a job that said hello.
         on_watch: receives a WATCH frame's dict (``provscope run`` registering a command).
         status: returns the dict sent back for a STATUS frame.
+        durable: given what ``on_points``/``on_records`` returned for a frame, True once
+            its records are durable (written, spooled, or dropped and counted); must not
+            block. None: a frame is durable once its callback returned.
         max_frame_bytes: larger frames close the connection.
 
     Raises (from ``start``):
@@ -68,6 +94,7 @@ class IngestServer:
         on_hello: Callable[[int, str | None, int | None], Any] | None = None,
         on_watch: Callable[[dict[str, Any]], Any] | None = None,
         status: Callable[[], dict[str, Any]] | None = None,
+        durable: Callable[[Any], bool] | None = None,
         max_frame_bytes: int = fr.MAX_FRAME_BYTES,
     ) -> None:
         self.path = Path(path)
@@ -76,6 +103,7 @@ class IngestServer:
         self._on_hello = on_hello
         self._on_watch = on_watch
         self._status = status
+        self._durable = durable
         self._max = max_frame_bytes
         self._sock: socket.socket | None = None
         self._stop = threading.Event()
@@ -90,6 +118,7 @@ class IngestServer:
         self.points_rejected = 0
         self.records = 0
         self.closed_bad = 0
+        self.acks_sent = 0  # DURABLE frames sent, all connections
 
     @property
     def connections(self) -> int:
@@ -148,10 +177,14 @@ class IngestServer:
         buf = bytearray(1 << 20)
         view = memoryview(buf)
         bad_in_a_row = 0
+        acks = _Acks()
         try:
             while not self._stop.is_set():
                 try:
                     n = conn.recv_into(buf)
+                except TimeoutError:  # only while acks are outstanding: look at them
+                    self._settle(conn, acks)
+                    continue
                 except OSError:
                     break
                 if n == 0:
@@ -174,8 +207,15 @@ class IngestServer:
                         frames = decoder.feed(b"")
                         continue
                     self.frames += 1
+                    if ftype in fr.DATA_TYPES:
+                        # Numbered whether or not it can be read: a rejected frame is
+                        # settled (counted) at once, and the job's count must match ours.
+                        acks.frames += 1
+                        acks.marks.append((acks.frames, None))
                     try:
-                        self._handle(conn, ftype, body, peer)
+                        mark = self._handle(conn, ftype, body, peer, acks)
+                        if ftype in fr.DATA_TYPES:
+                            acks.marks[-1] = (acks.frames, mark)
                         bad_in_a_row = 0
                     except fr.BadFrame as exc:
                         self.rejected += 1
@@ -188,6 +228,8 @@ class IngestServer:
                         log.warning("ingest: %d bad frames in a row; connection closed",
                                     bad_in_a_row)
                         return
+                if not self._settle(conn, acks):
+                    return
             if decoder.pending:
                 self.rejected += 1  # the peer closed in the middle of a frame
         finally:
@@ -196,22 +238,46 @@ class IngestServer:
             with contextlib.suppress(OSError):
                 conn.close()
 
+    def _settle(self, conn: socket.socket, acks: _Acks) -> bool:
+        """Forget the marks now durable and, when the peer asked for acks, send how many
+        frames are durable. False when the answer could not be sent (the peer is gone,
+        or has not read its acks for so long that the send timed out)."""
+        marks = acks.marks
+        durable = self._durable
+        while marks:
+            mark = marks[0][1]
+            if mark is not None and durable is not None and not durable(mark):
+                break
+            marks.popleft()
+        if not acks.enabled:
+            return True
+        upto = marks[0][0] - 1 if marks else acks.frames
+        if upto != acks.sent:
+            try:
+                conn.sendall(fr.encode_json(fr.DURABLE, {"n": upto}))
+            except OSError:
+                return False
+            acks.sent = upto
+            self.acks_sent += 1
+        return True
+
     def _handle(self, conn: socket.socket, ftype: int, body: bytes,
-                peer: int | None = None) -> None:
+                peer: int | None = None, acks: _Acks | None = None) -> Any:
+        """Act on one frame; returns the callback's mark for a data frame."""
         if ftype == fr.POINTS:
             points, dropped = fr.decode_points_counted(body)
             self.points += len(points)
             if dropped:
                 # Rows a frame could not describe cost only themselves (counted).
                 self.points_rejected += dropped
-            self._on_points(points)
-        elif ftype == fr.RECORDS:
+            return self._on_points(points)
+        if ftype == fr.RECORDS:
             records = fr.decode_records(body)
             pts = [r for r in records if r.kind == "point"]
             self.points += len(pts)
             self.records += len(records) - len(pts)
-            self._on_records(records)
-        elif ftype == fr.HELLO:
+            return self._on_records(records)
+        if ftype == fr.HELLO:
             hello = fr.decode_json(body)
             if type(hello) is not dict or type(hello.get("pid")) is not int:
                 raise fr.BadFrame('hello body must be {"pid": int, ...}')
@@ -223,6 +289,12 @@ class IngestServer:
             if self._on_hello is not None and pid is not None and \
                     hello.get("watch", True) is not False:
                 self._on_hello(pid, run_id, rank)
+            if hello.get("acks") is True and acks is not None and not acks.enabled:
+                # From now on this connection's reader wakes up to send acks while some
+                # are outstanding; the first DURABLE (sent by _settle after this frame)
+                # tells the job that this agent acknowledges.
+                acks.enabled = True
+                conn.settimeout(_ACK_POLL_S)
         elif ftype == fr.WATCH:
             watch = fr.decode_json(body)
             if type(watch) is not dict or type(watch.get("pid")) is not int \
@@ -240,6 +312,7 @@ class IngestServer:
             conn.sendall(fr.encode_json(fr.STATUS_REPLY, reply))
         else:
             raise fr.BadFrame(f"frame type {ftype} is not accepted by the agent")
+        return None
 
     def stop(self, timeout_s: float = 2.0) -> None:
         """Stop accepting, close every connection, remove the socket file."""

@@ -12,6 +12,13 @@ The queue and its worker are ``provscope.bounded.QueueWorker``. An exporter answ
 (``provscope.backoff``); shutdown keeps retrying until its deadline, then counts what is
 left as dropped. Exceptions from an exporter are logged (rate-limited), counted, and never kill
 the worker.
+
+Durability marks: ``Pipeline.submit_many`` returns a mark (each target's position after
+the records were queued) and ``Pipeline.durable(mark)`` says whether every one of those
+records has been settled by its exporter: written, spooled on disk, or dropped and
+counted (an exporter's ``SUCCESS`` or ``DROP``, or the queue's counted overflow). Each
+queue is FIFO, so a position is settled once the oldest record still queued or being
+exported is past it. The node agent acknowledges a job's frames with it.
 """
 
 from __future__ import annotations
@@ -31,11 +38,14 @@ from provscope.records import Point
 if TYPE_CHECKING:
     from provscope.config import Config
 
-__all__ = ["BatchProcessor", "Pipeline"]
+__all__ = ["BatchProcessor", "Mark", "Pipeline"]
 
 log = logging.getLogger("provscope.pipeline")
 
 _FIRST_BACKOFF_S = 0.1  # backoff window of the first retry of a batch answered RETRY
+
+#: Positions in the exporters' queues after some records were submitted (``Pipeline.durable``).
+Mark = tuple[tuple["BatchProcessor", int], ...]
 
 
 class BatchProcessor(QueueWorker):
@@ -74,7 +84,21 @@ class BatchProcessor(QueueWorker):
         self.retries = 0
         self.last_latency_s = 0.0
         self._last_error_log = 0.0
+        self._inflight = 0  # records the worker took and has not settled yet
         self._start_worker()
+
+    @property
+    def settled(self) -> int:
+        """How many of the records submitted so far are settled: exported (written or
+        spooled), or dropped and counted. Records are settled in submission order except
+        overflow drops, which are newer than anything in flight, so every record with a
+        position below this is settled. Safe to read from any thread; may lag, never leads.
+        """
+        # Read in this order: a record the worker is taking is counted in the queue or in
+        # _inflight (set before the pops), never in neither.
+        received = self.received
+        queued = len(self._queue)
+        return received - queued - self._inflight
 
     # ------------------------------------------------------------------ worker side
 
@@ -111,16 +135,20 @@ class BatchProcessor(QueueWorker):
                 if not queue:
                     continue
                 self._idle.clear()
+                self._inflight = self._batch_size  # an upper bound while records are popped
                 pending = self._take()
+                self._inflight = len(pending)
             result = self._export(pending)
             if result is not ExportResult.RETRY:
                 pending = None
+                self._inflight = 0
                 self._backoff.reset()
                 continue
             self.retries += 1
             if self._stopping and time.monotonic() >= self._deadline:
                 self.dropped += len(pending)
                 self._drop_queued()
+                self._inflight = 0
                 return
             delay = self._backoff.next()
             if self._stopping:
@@ -263,20 +291,37 @@ class Pipeline:
         for proc in targets:
             proc.submit(record)
 
-    def submit_many(self, records: Sequence[Any]) -> None:
-        """Queue many records (all points, or all lineage, or mixed). Never blocks."""
+    def submit_many(self, records: Sequence[Any]) -> Mark:
+        """Queue many records (all points, or all lineage, or mixed). Never blocks.
+
+        Returns:
+            The mark ``durable`` takes: these records are settled once it answers True.
+        """
         if not records:
-            return
+            return ()
         if all(type(r) is Point for r in records):
             for proc in self._points:
                 proc.submit_many(records)
-            return
+            return tuple((proc, proc.received) for proc in self._points)
         points = [r for r in records if r.kind == "point"]
         lineage = [r for r in records if r.kind != "point"]
-        for proc in self._points:
-            proc.submit_many(points)
-        for proc in self._lineage:
-            proc.submit_many(lineage)
+        targets = []
+        if points:
+            for proc in self._points:
+                proc.submit_many(points)
+            targets += self._points
+        if lineage:
+            for proc in self._lineage:
+                proc.submit_many(lineage)
+            targets += self._lineage
+        return tuple((proc, proc.received) for proc in targets)
+
+    @staticmethod
+    def durable(mark: Mark) -> bool:
+        """True when every record submitted before ``mark`` was taken (by ``submit_many``)
+        is settled in every exporter it went to: written, in the on-disk spool, or dropped
+        and counted. Never blocks; safe from any thread."""
+        return all(proc.settled >= position for proc, position in mark)
 
     def flush(self, timeout_s: float = 10.0) -> bool:
         """Export everything queued so far. Blocks up to ``timeout_s``; True when done."""

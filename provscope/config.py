@@ -203,6 +203,7 @@ class ClientConfig(_Model):
     no_agent: Literal["embedded", "drop"] = Field("embedded", description="When no agent listens: run the pipeline inside the job (embedded) or count and drop.")
     buffer_size: int = Field(100_000, ge=100, le=100_000_000, description="Records the in-job buffer holds; when full the oldest is dropped and counted.")
     reconnect_s: float = Field(2.0, gt=0, le=3600, description="Longest wait between the in-job client's attempts to reach the agent socket, seconds (backoff with full jitter from 50 ms up to it).")
+    resend_max_bytes: int = Field(64 << 20, ge=1 << 16, le=1 << 34, description="Bytes of frames the in-job client keeps after sending them until the agent acknowledges them (and sends again to a restarted agent); its records are bounded by buffer_size too. While it is full nothing more is sent and new records wait in the buffer.")
     hash_max_bytes: int = Field(1 << 30, ge=0, description="Files up to this size get a sha256 digest in use()/produce(); larger ones record size and mtime only.")
     step_task_every: int = Field(100, ge=0, description="run.steps() records one step task every N steps (0: none); every step still logs step_time_seconds.")
     identity_wait_s: float = Field(10.0, ge=0, le=600, description="A rank other than 0 of a job with no launcher id waits up to this long, once, for rank 0's run id over torch.distributed, seconds (then it records under its own run id).")

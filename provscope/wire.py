@@ -7,8 +7,9 @@ portable choice; no dependency). Frame types:
 =====  ============  ==========================================================
 type   name          body
 =====  ============  ==========================================================
-1      HELLO         ``{"v": 1, "pid": int, "run_id": str|null, "rank": int|null,
-                     "watch": bool}`` (false: a forked child, already in a watched tree)
+1      HELLO         ``{"v": 2, "pid": int, "run_id": str|null, "rank": int|null,
+                     "watch": bool, "acks": bool}`` (watch false: a forked child, already
+                     in a watched tree; acks true: the job wants DURABLE frames)
 2      POINTS        ``{"k": [[measurement, tags, [field, ...]], ...],
                      "p": [[k, time_ns, value, ...], ...]}``
 3      RECORDS       ``[record.to_dict(), ...]`` (lineage records, or points)
@@ -16,7 +17,21 @@ type   name          body
 5      STATUS_REPLY  ``{...}`` the agent's status
 6      WATCH         ``{"pid": int, "run_id": str, "rank": int|null, "paths": [str]}``
 7      ACK           ``{}`` the agent's answer to WATCH
+8      DURABLE       ``{"n": int}`` agent to job: the first ``n`` data frames of this
+                     connection are durable
 =====  ============  ==========================================================
+
+Acknowledged delivery (protocol version 2). The data frames of a connection (POINTS and
+RECORDS, counted from 1 whether or not the agent could read them) are numbered by
+position; nothing in the frame carries the number. A job whose hello says
+``"acks": true`` gets a DURABLE frame at once (``n`` = the data frames so far: the
+agent's way of saying it acknowledges) and then whenever more of its frames are durable:
+every record of frame ``n`` and of the frames before it is written to its destination,
+appended to the destination's on-disk spool, or dropped and counted by the agent. The
+job keeps every frame it sent until it is acknowledged and sends the unacknowledged ones
+again, in order, on its next connection (``provscope.job.agent_client``). A version-1
+agent ignores ``acks`` and never answers with DURABLE; a version-1 job never asks, and
+gets none.
 
 A POINTS frame with a bad row or key entry loses only the rows concerned (counted by the
 agent); the stores' sanitisation policy judges names and values.
@@ -52,6 +67,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ACK",
+    "DATA_TYPES",
+    "DURABLE",
     "HEADER",
     "HELLO",
     "MAX_FRAME_BYTES",
@@ -59,10 +76,12 @@ __all__ = [
     "RECORDS",
     "STATUS",
     "STATUS_REPLY",
+    "VERSION",
     "WATCH",
     "BadFrame",
     "FrameDecoder",
     "FrameTooLarge",
+    "decode_durable",
     "decode_json",
     "decode_points",
     "decode_points_counted",
@@ -74,8 +93,12 @@ __all__ = [
 ]
 
 HEADER = struct.Struct(">IB")
-HELLO, POINTS, RECORDS, STATUS, STATUS_REPLY, WATCH, ACK = 1, 2, 3, 4, 5, 6, 7
-KNOWN_TYPES = frozenset({HELLO, POINTS, RECORDS, STATUS, STATUS_REPLY, WATCH, ACK})
+HELLO, POINTS, RECORDS, STATUS, STATUS_REPLY, WATCH, ACK, DURABLE = 1, 2, 3, 4, 5, 6, 7, 8
+KNOWN_TYPES = frozenset({HELLO, POINTS, RECORDS, STATUS, STATUS_REPLY, WATCH, ACK, DURABLE})
+#: Frame types that carry records; DURABLE counts these, in order, per connection.
+DATA_TYPES = frozenset({POINTS, RECORDS})
+#: The protocol version a hello announces (2: acknowledged delivery).
+VERSION = 2
 #: Largest body accepted, bytes. Clients split batches well below it.
 MAX_FRAME_BYTES = 16 * 1024 * 1024
 
@@ -136,6 +159,15 @@ def decode_json(body: bytes) -> Any:
         raise BadFrame(f"body is not JSON ({exc})") from None
     except RecursionError:
         raise BadFrame("body nests too deeply") from None
+
+
+def decode_durable(body: bytes) -> int:
+    """The frame count of a DURABLE body. Raises ``BadFrame`` unless ``{"n": int >= 0}``."""
+    obj = decode_json(body)
+    n = obj.get("n") if type(obj) is dict else None
+    if type(n) is not int or n < 0:
+        raise BadFrame('durable body must be {"n": int >= 0}')
+    return n
 
 
 # JSON can also produce these; none is a field value.

@@ -7,6 +7,18 @@ writes them to the agent's Unix socket (the queue and thread are
 client keeps buffering (the oldest records are dropped and counted when the buffer is
 full) and reconnects with backoff and jitter, at least every ``client.reconnect_s``.
 After ``fork`` the child starts with an empty buffer and its own connection.
+
+Acknowledged delivery (``provscope.wire``, protocol version 2). Every frame sent stays in
+a resend window until the agent acknowledges it (DURABLE: its records are written,
+spooled on disk or counted by the agent); the sender thread reads the acks without
+blocking. When the connection breaks (the agent was killed and restarted) the window is
+sent again, in order, before anything newer: records may arrive twice (the stores keep
+one point per series and time, and merge lineage rows by id), never not at all. The
+window is bounded (``client.buffer_size`` records, ``client.resend_max_bytes`` bytes);
+while it is full nothing more is sent, so new records wait in the buffer, whose oldest
+are dropped and counted when it is full: every drop is of records the agent never got.
+An agent of protocol version 1 never acknowledges; after ``_LEGACY_AFTER_S`` without
+its first DURABLE a connection falls back to delivery on write, as before.
 """
 
 from __future__ import annotations
@@ -14,8 +26,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import select
 import socket
 import time
+from collections import deque
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -47,6 +61,12 @@ def _warn_untrusted(line: str) -> None:
 
 
 _FIRST_RECONNECT_S = 0.05  # backoff window of the first reconnect attempt
+# An acknowledging agent answers a hello at once; one that has not within this time is
+# of protocol version 1 and never will.
+_LEGACY_AFTER_S = 2.0
+# How often a sender waiting only for acks looks again at a peer that sends nothing (a
+# closed connection wakes it at once).
+_ACK_POLL_S = 0.05
 
 
 class AgentClient(QueueWorker):
@@ -66,6 +86,9 @@ class AgentClient(QueueWorker):
             itself with ``set_identity`` (a second hello on the same connection).
         batch_size: most records per frame.
         send_interval_s: longest time a record waits in the buffer.
+        resend_max_bytes: most bytes of sent, unacknowledged frames kept for resending
+            (their records are also bounded by ``buffer_size``); while the window is full
+            nothing more is sent.
     """
 
     def __init__(
@@ -78,9 +101,12 @@ class AgentClient(QueueWorker):
         rank: int | None = None,
         batch_size: int = 5000,
         send_interval_s: float = 0.1,
+        resend_max_bytes: int = 64 << 20,
         sock: socket.socket | None = None,
     ) -> None:
         self.path = str(path)
+        self._window_max_records = buffer_size
+        self._window_max_bytes = resend_max_bytes
         self._reconnect_s = reconnect_s
         self._run_id = run_id if run_id is not None else os.environ.get(env.RUN_ID) or None
         self._rank = rank if rank is not None else env_rank()
@@ -92,17 +118,39 @@ class AgentClient(QueueWorker):
                          interval_s=send_interval_s, thread_name="provscope-client-send")
         reset_in_child(self, AgentClient._reset_after_fork)
         if sock is not None:
+            self._new_connection(sock)
             self._send_hello(sock)
 
     def _reset_queue(self) -> None:
         super()._reset_queue()
         self._pid = os.getpid()
-        self._pending: bytes | None = None
-        self._pending_n = 0
         self._hello_due = False
         self._reconnect = Backoff(min(_FIRST_RECONNECT_S, self._reconnect_s), self._reconnect_s)
-        self.sent = 0
+        # The resend window: [frame, records, written before] sent or to be sent, not yet
+        # acknowledged, oldest first. Its first _on_wire entries were written on the
+        # current connection.
+        self._window: deque[list[Any]] = deque()
+        self._window_bytes = 0
+        self._window_records = 0
+        self._on_wire = 0
+        self._new_connection(None)
+        self.sent = 0  # records written to the socket (the first time)
+        self.acknowledged = 0  # records the agent acknowledged as durable
+        self.resent = 0  # records written again on a new connection
+        self.unacknowledged = 0  # records sent but never acknowledged when we shut down
         self.reconnects = 0
+
+    def _new_connection(self, sock: socket.socket | None) -> None:
+        """Per-connection state: the frame counts and whether the agent acknowledges."""
+        self._acked_frames = 0  # the agent's last DURABLE n on this connection
+        self._acking: bool | None = None  # None: not known yet
+        self._hello_at = time.monotonic()
+        self._decoder = fr.FrameDecoder()
+        self._poller: select.poll | None = None
+        if sock is not None:
+            self._poller = select.poll()
+            self._poller.register(sock, select.POLLIN)
+        self._on_wire = 0  # every frame of the window is sent again on a new connection
 
     @classmethod
     def try_connect(cls, config: Config, *, run_id: str | None = None,
@@ -133,7 +181,7 @@ class AgentClient(QueueWorker):
         try:
             return cls(path, buffer_size=config.client.buffer_size,
                        reconnect_s=config.client.reconnect_s, run_id=run_id, rank=rank,
-                       sock=sock)
+                       resend_max_bytes=config.client.resend_max_bytes, sock=sock)
         except Exception:
             log.debug("agent client setup failed", exc_info=True)
             sock.close()
@@ -166,8 +214,9 @@ class AgentClient(QueueWorker):
     # ------------------------------------------------------------- sender side
 
     def _hello(self) -> bytes:
-        return fr.encode_json(fr.HELLO, {"v": 1, "pid": os.getpid(), "run_id": self._run_id,
-                                         "rank": self._rank, "watch": self._watch})
+        return fr.encode_json(fr.HELLO, {"v": fr.VERSION, "pid": os.getpid(),
+                                         "run_id": self._run_id, "rank": self._rank,
+                                         "watch": self._watch, "acks": True})
 
     def _send_hello(self, sock: socket.socket) -> None:
         sock.sendall(self._hello())
@@ -183,6 +232,7 @@ class AgentClient(QueueWorker):
             sock.close()
             return False
         self._sock = sock
+        self._new_connection(sock)
         self.reconnects += 1
         return True
 
@@ -191,26 +241,128 @@ class AgentClient(QueueWorker):
             with contextlib.suppress(OSError):
                 self._sock.close()
         self._sock = None
+        self._poller = None
 
-    def _next_frames(self) -> tuple[bytes, int]:
+    # The window: frames leave it only when acknowledged (or, with a version-1 agent,
+    # when written); a new connection sends all of it again, in order.
+
+    def _window_full(self) -> bool:
+        return (self._window_records >= self._window_max_records
+                or self._window_bytes >= self._window_max_bytes)
+
+    def _release(self, frames: int) -> int:
+        """Forget the window's ``frames`` oldest entries; returns their records."""
+        window = self._window
+        records = 0
+        for _ in range(min(frames, len(window))):
+            frame, n, _ = window.popleft()
+            self._window_bytes -= len(frame)
+            records += n
+        self._window_records -= records
+        self._on_wire = max(0, self._on_wire - frames)
+        return records
+
+    def _on_durable(self, n: int) -> None:
+        """The agent's DURABLE: the first ``n`` data frames of this connection are safe."""
+        if self._acking is False:  # declared version 1 already; its window is gone
+            return
+        self._acking = True
+        new = min(n - self._acked_frames, self._on_wire)
+        if new > 0:
+            # Frame numbers count from 1 per connection; the acknowledged ones have left
+            # the window, so the agent's n is _acked_frames + the _on_wire still here.
+            self.acknowledged += self._release(new)
+            self._acked_frames += new
+
+    def _read_acks(self) -> None:
+        """Take whatever the agent sent (DURABLE frames) without blocking; a closed or
+        broken connection is dropped here (its window is sent again on the next)."""
+        sock, poller = self._sock, self._poller
+        if sock is None or poller is None:
+            return
+        try:
+            while poller.poll(0):
+                data = sock.recv(65536)
+                if not data:
+                    self._drop_connection()  # the agent closed (stopped or killed)
+                    return
+                for ftype, body in self._decoder.feed(data):
+                    if ftype == fr.DURABLE:
+                        self._on_durable(fr.decode_durable(body))
+        except fr.FrameTooLarge:
+            self._drop_connection()
+        except fr.BadFrame:
+            log.debug("agent client: bad frame from the agent ignored", exc_info=True)
+        except OSError:
+            self._drop_connection()
+        if self._acking is None and self._sock is not None \
+                and time.monotonic() - self._hello_at > _LEGACY_AFTER_S:
+            # A version-1 agent: what it was given counts as delivered, as before.
+            self._acking = False
+            self._release(self._on_wire)
+
+    def _next_frames(self) -> None:
+        """Encode the next batch into the window (one POINTS and/or one RECORDS frame)."""
         batch = self._take()
         points = [r for r in batch if type(r) is Point]
-        frames = b""
+        frames = []
         if points:
-            frames += fr.encode_points(points)
+            frames.append((fr.encode_points(points), len(points)))
         if len(points) != len(batch):
-            frames += fr.encode_records([r for r in batch if type(r) is not Point])
-        return frames, len(batch)
+            frames.append((fr.encode_records([r for r in batch if type(r) is not Point]),
+                           len(batch) - len(points)))
+        for frame, n in frames:
+            self._window.append([frame, n, False])
+            self._window_bytes += len(frame)
+            self._window_records += n
+
+    def _unsent(self) -> bool:
+        return self._on_wire < len(self._window)
+
+    def _awaiting_acks(self) -> bool:
+        return bool(self._window) and self._acking is not False
+
+    def _send_next(self, sock: socket.socket) -> None:
+        """Write the window's next unsent frame (encoding a new batch when none is left)."""
+        if not self._unsent():
+            self._next_frames()
+            if not self._unsent():
+                return
+        entry = self._window[self._on_wire]
+        sock.sendall(entry[0])
+        self._on_wire += 1
+        if entry[2]:
+            self.resent += entry[1]
+        else:
+            entry[2] = True
+            self.sent += entry[1]
+        if self._acking is False:
+            self._release(self._on_wire)
+
+    def _wait_for_acks(self) -> None:
+        """Sleep until the agent says something or ``interval`` passes (a new record, a
+        full batch, is not waited for: the window is full, or there is nothing to send)."""
+        poller = self._poller
+        if poller is None:
+            self._wait_for_work(1)
+            return
+        with contextlib.suppress(OSError):
+            poller.poll(int(min(self._interval, _ACK_POLL_S) * 1000) or 1)
 
     def _run(self) -> None:
         next_try = 0.0
         queue = self._queue
         while True:
-            if self._pending is None and not queue and not self._hello_due:
+            self._read_acks()
+            can_send = self._unsent() or (bool(queue) and not self._window_full())
+            if not can_send and not self._hello_due:
                 self._idle.set()
                 if self._stopping:
                     return
-                self._wait_for_work(1)
+                if self._sock is not None and self._awaiting_acks():
+                    self._wait_for_acks()
+                else:
+                    self._wait_for_work(1)
                 continue
             self._idle.clear()
             if self._sock is None:
@@ -230,32 +382,33 @@ class AgentClient(QueueWorker):
             try:
                 if self._hello_due:
                     self._send_hello(self._sock)
-                if self._pending is None:
-                    if not queue:
-                        continue
-                    self._pending, self._pending_n = self._next_frames()
-                self._sock.sendall(self._pending)
-                self.sent += self._pending_n
-                self._pending = None
+                if can_send:
+                    self._send_next(self._sock)
             except Exception:
-                # The agent went away mid-frame: it discards the partial frame, so the
-                # whole frame is sent again after the reconnect.
+                # The agent went away mid-frame: it discards the partial frame, and the
+                # whole window is sent again after the reconnect.
                 self._drop_connection()
                 next_try = time.monotonic() + self._reconnect.next()
 
     # ------------------------------------------------------------- control
 
     def flush(self, timeout_s: float = 5.0) -> bool:
-        """Wait until everything queued has been written to the agent's socket.
+        """Wait until everything queued has been written to the agent's socket and, when
+        the agent acknowledges (protocol version 2), until it said that all of it is
+        durable (written, spooled or counted by the agent: about one of its flush
+        intervals).
 
         Blocks up to ``timeout_s``. True when nothing is left in this process.
         """
-        return self._wait_drained(time.monotonic() + timeout_s,
-                                  busy=lambda: self._pending is not None)
+        return self._wait_drained(
+            time.monotonic() + timeout_s,
+            busy=lambda: self._unsent() or (self._sock is not None and self._awaiting_acks()))
 
     def shutdown(self, timeout_s: float = 5.0) -> None:
-        """Flush within the deadline, stop the sender, close the socket. Idempotent;
-        what is still buffered at the deadline is counted as dropped."""
+        """Flush within the deadline, stop the sender, close the socket. Idempotent.
+        What is still buffered at the deadline, and never written to an agent, is counted
+        as dropped; what was written but not acknowledged is counted as unacknowledged
+        (the agent may still store it)."""
         if self._stopping:
             return
         deadline = time.monotonic() + timeout_s
@@ -263,18 +416,33 @@ class AgentClient(QueueWorker):
         self._stop_accepting()
         self._join(deadline)
         self._drop_queued()
-        if self._pending is not None:
-            self.dropped += self._pending_n
-            self._pending = None
+        for _, n, written in self._window:
+            if written:
+                self.unacknowledged += n
+            else:
+                self.dropped += n
+        self._release(len(self._window))
+        if self.unacknowledged:
+            log.warning("provscope: %d records sent to the agent at %s were not acknowledged "
+                        "by the shutdown deadline; the agent may still store them",
+                        self.unacknowledged, self.path)
         self._drop_connection()
 
     def stats(self) -> dict[str, float]:
-        """Counters: received, sent, dropped, buffered, connected, reconnects."""
+        """Counters (records): received, sent (written to the socket the first time),
+        acknowledged by the agent, sent again after a reconnect, unacknowledged at
+        shutdown, dropped; the buffer's and the resend window's depth; connected,
+        reconnects."""
         return {
             "points_received_total": float(self.received),
             "points_written_total": float(self.sent),
+            "points_acknowledged_total": float(self.acknowledged),
+            "points_resent_total": float(self.resent),
+            "points_unacknowledged_total": float(self.unacknowledged),
             "points_dropped_total": float(self.dropped),
             "queue_depth": float(len(self._queue)),
+            "resend_window_records": float(self._window_records),
+            "resend_window_bytes": float(self._window_bytes),
             "connected": float(self._sock is not None),
             "reconnects_total": float(self.reconnects),
         }
