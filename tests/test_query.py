@@ -65,14 +65,14 @@ def _write_embedded(config, points) -> None:
 def test_embedded_points_round_trip_through_series(embedded):
     run_id = new_id()
     _write_embedded(embedded, _points(run_id))
-    df = query.series("train", "loss", run_id=run_id, config=embedded)
+    df = query.points("train", "loss", run_id=run_id, config=embedded)
     assert list(df.columns) == query.SERIES_COLUMNS
     assert len(df) == 10
     assert df["time"].dt.tz is not None
     assert df[df["rank"] == "0"]["value"].tolist() == [1.0, 0.5, 1 / 3, 0.25, 0.2]
     assert df["tags"][0] == {"device": "cpu"}
 
-    all_fields = query.series("train", run_id=run_id, tags={"rank": 1}, config=embedded)
+    all_fields = query.points("train", run_id=run_id, tags={"rank": 1}, config=embedded)
     assert set(all_fields["field"]) == {"loss", "step", "ok", "phase"}
     assert len(all_fields) == 20
     phase = all_fields[all_fields["field"] == "phase"]
@@ -85,14 +85,14 @@ def test_embedded_points_round_trip_through_series(embedded):
 def test_series_filters_time_range_and_other_tags(embedded):
     run_id = new_id()
     _write_embedded(embedded, _points(run_id))
-    window = query.series("train", "step", start=T0 + SEC, end=pd.Timestamp(T0 + 3 * SEC,
+    window = query.points("train", "step", start=T0 + SEC, end=pd.Timestamp(T0 + 3 * SEC,
                                                                               tz="UTC"),
                           tags={"rank": "0"}, config=embedded)
     assert window["value"].tolist() == [1.0, 2.0, 3.0]
-    assert query.series("train", "step", tags={"device": "gpu"}, config=embedded).empty
-    assert len(query.series("train", "step", tags={"device": "cpu"}, config=embedded)) == 10
-    assert query.series("cpu", config=embedded)["host"].tolist() == ["n1"]
-    assert query.series("train", run_id="other", config=embedded).empty
+    assert query.points("train", "step", tags={"device": "gpu"}, config=embedded).empty
+    assert len(query.points("train", "step", tags={"device": "cpu"}, config=embedded)) == 10
+    assert query.points("cpu", config=embedded)["host"].tolist() == ["n1"]
+    assert query.points("train", run_id="other", config=embedded).empty
 
 
 def test_series_from_influxdb_matches_the_embedded_frame(embedded, influx_server, influx_db):
@@ -110,8 +110,8 @@ def test_series_from_influxdb_matches_the_embedded_frame(embedded, influx_server
     for kwargs in ({"field": "loss", "run_id": run_id}, {"run_id": run_id},
                    {"field": "step", "start": T0 + SEC, "end": T0 + 2 * SEC,
                     "tags": {"rank": "1"}}):
-        want = query.series("train", config=embedded, **kwargs)
-        got = query.series("train", config=influx, **kwargs)
+        want = query.points("train", config=embedded, **kwargs)
+        got = query.points("train", config=influx, **kwargs)
         assert not want.empty
         pd.testing.assert_frame_equal(got, want)
 
@@ -120,10 +120,10 @@ def test_influxdb_errors_are_one_line_provscope_errors(influx_server):
     config = load_config(overrides={"influxdb.url": influx_server.url,
                                     "influxdb.database": "no_such_db_x"}, environ={})
     with pytest.raises(ProvscopeError, match="database not found"):
-        query.series("train", config=config)
+        query.points("train", config=config)
     gone = load_config(overrides={"influxdb.url": "http://127.0.0.1:9"}, environ={})
     with pytest.raises(ProvscopeError, match="unreachable"):
-        query.series("train", config=gone)
+        query.points("train", config=gone)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -196,5 +196,5 @@ def test_missing_embedded_file_gives_empty_frames_with_columns(tmp_path):
     runs = query.runs(config=config)
     assert runs.empty and {"run_id", "task_count", "duration_s"} <= set(runs.columns)
     assert query.tasks("x", config=config).empty
-    assert list(query.series("train", config=config).columns) == query.SERIES_COLUMNS
+    assert list(query.points("train", config=config).columns) == query.SERIES_COLUMNS
     assert not (tmp_path / "none.db").exists()  # reading never creates the file

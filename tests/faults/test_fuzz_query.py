@@ -6,6 +6,8 @@ injection)."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import sqlalchemy as sa
 from hypothesis import given
@@ -59,6 +61,22 @@ def _call(fn, *args, **kwargs):
         return None
 
 
+def _wide(measurement, field, rid, start, end, tags, config) -> None:
+    """The wide ``series`` with the same parameters (and as host/rank/layer filters)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", query.PartialResultWarning)
+        df = _call(query.series, measurement, field, run_id=rid, start=start, end=end,
+                   tags=tags, index="time", config=config)
+        if df is not None and not df.empty:
+            assert df.attrs["measurement"] == measurement
+            if rid is not None:
+                assert set(df["run_id"]) == {rid}
+        df = _call(query.series, measurement, field, host=rid, rank=rid, layer=rid,
+                   index="time", config=config)
+        if df is not None and not df.empty and rid is not None:
+            assert set(df["host"]) == {rid} and set(df["rank"]) == {rid}
+
+
 def test_query_parameters_embedded(recorded, long_run):
     run_id, config = recorded
     before = _counts(config)
@@ -83,11 +101,12 @@ def test_query_parameters_embedded(recorded, long_run):
                 if df is not None and rid != run_id:
                     assert df.empty, (fn, rid)
             _call(query.resolve_run_id, rid, config=config)
-        df = _call(query.series, measurement, field, rid, start, end, tags, config=config)
+        df = _call(query.points, measurement, field, rid, start, end, tags, config=config)
         if df is not None and not df.empty:
             assert set(df["measurement"]) == {measurement}
             if rid is not None:
                 assert set(df["run_id"]) == {rid}
+        _wide(measurement, field, rid, start, end, tags, config)
 
     run()
     assert _counts(config) == before
@@ -107,11 +126,12 @@ def test_series_parameters_influxdb(influx_server, influx_db, long_run):
            rid=st.one_of(st.none(), words), start=times, end=times,
            tags=st.one_of(st.none(), st.dictionaries(words, words, max_size=2)))
     def fuzz(measurement, field, rid, start, end, tags) -> None:
-        df = _call(query.series, measurement, field, rid, start, end, tags, config=config)
+        df = _call(query.points, measurement, field, rid, start, end, tags, config=config)
         if df is not None and not df.empty:
             assert set(df["measurement"]) == {measurement}
             if rid is not None:
                 assert set(df["run_id"]) == {rid}
+        _wide(measurement, field, rid, start, end, tags, config)
 
     fuzz()
     # Nothing was dropped or deleted through a parameter.

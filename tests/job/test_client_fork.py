@@ -57,7 +57,7 @@ def test_multiprocessing_fork_children_log_without_deadlock(embedded):
     assert set(workers["pid"]) == {p.pid for p in procs}
     assert set(workers["parent_task_id"]) == {load.task_id}
     assert (workers["status"] == "finished").all()
-    values = query.series("train", "worker_items", run_id=run.run_id, config=embedded)
+    values = query.points("train", "worker_items", run_id=run.run_id, config=embedded)
     assert len(values) == 2
 
 
@@ -83,5 +83,5 @@ def test_raw_fork_child_that_flushes_before_os_exit_keeps_its_records(embedded):
             pytest.fail("forked child did not finish: deadlock")
     assert os.waitstatus_to_exitcode(status) == 0
     run.flush(10)
-    child = query.series("train", "child_loss", run_id=run.run_id, config=embedded)
+    child = query.points("train", "child_loss", run_id=run.run_id, config=embedded)
     assert child["value"].tolist() == [0.5]

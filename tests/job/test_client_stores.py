@@ -76,9 +76,9 @@ def test_embedded_default_round_trip_through_the_query_api(tmp_path):
     run = _short_training(settings, data, tmp_path / "ckpt.pt")
     assert run.sink_mode == "embedded"
     _check_lineage(run, settings)
-    loss = query.series("train", "loss", run_id=run.run_id, config=settings)
+    loss = query.points("train", "loss", run_id=run.run_id, config=settings)
     assert len(loss) == 6 and set(loss["rank"]) == {"0"}
-    steps = query.series("train", "step", run_id=run.run_id, config=settings)
+    steps = query.points("train", "step", run_id=run.run_id, config=settings)
     assert sorted(set(steps["value"])) == [0, 1, 2, 3, 4, 5]
 
 
@@ -165,7 +165,7 @@ def test_implicit_run_of_a_plain_script_is_closed_and_flushed_at_exit(tmp_path):
     run_id = runs["run_id"][0]
     tasks = query.tasks(run_id, config=settings)
     assert tasks["name"].tolist() == ["tokenize"] and tasks["result"][0] == {"return": 42}
-    assert query.series("train", "loss", run_id=run_id, config=settings)["value"].tolist() == [1.5]
+    assert query.points("train", "loss", run_id=run_id, config=settings)["value"].tolist() == [1.5]
 
 
 def test_implicit_run_of_a_crashing_script_is_recorded_failed(tmp_path):

@@ -71,11 +71,11 @@ def test_a_short_job_with_no_agent_records_node_and_process_series(settings):
     assert not _sampler_threads()
 
     for measurement, field in (("cpu", "logical_cpus"), ("memory", "used_bytes")):
-        rows = query.series(measurement, field, config=cfg)
+        rows = query.points(measurement, field, config=cfg)
         assert len(rows) >= 2, measurement  # one sample at start, one at shutdown
         assert set(rows["host"]) == {"node-t"}
         assert (rows["value"] > 0).all()
-    proc = query.series("process", config=cfg)
+    proc = query.points("process", config=cfg)
     assert set(proc["run_id"]) == {run.run_id}
     assert set(proc["rank"]) == {"0"} and set(proc["host"]) == {"node-t"}
     cpu = proc[proc["field"] == "cpu_seconds_total"]["value"]
@@ -85,7 +85,7 @@ def test_a_short_job_with_no_agent_records_node_and_process_series(settings):
     # the catalogue's measurement names: what the agent's collectors declare
     for name in ("cpu", "memory", "disk", "net", "process"):
         for meas in BY_COLLECTOR[name]:
-            assert not query.series(meas, config=cfg).empty, meas
+            assert not query.points(meas, config=cfg).empty, meas
 
 
 def test_the_setting_turns_it_off(settings):
@@ -94,9 +94,9 @@ def test_the_setting_turns_it_off(settings):
         run.log(step=0, loss=1.0)
         assert not _sampler_threads()
     sink.shutdown_all(10.0, forget=True)
-    assert not query.series("train", "loss", config=cfg).empty
+    assert not query.points("train", "loss", config=cfg).empty
     for meas in ("cpu", "memory", "process", "disk", "net"):
-        assert query.series(meas, config=cfg).empty, meas
+        assert query.points(meas, config=cfg).empty, meas
 
 
 def test_the_collector_list_selects_collectors(settings):
@@ -104,8 +104,8 @@ def test_the_collector_list_selects_collectors(settings):
     with provscope.workflow("mem-only", settings=cfg) as run:
         run.log(step=0, loss=1.0)
     sink.shutdown_all(10.0, forget=True)
-    assert not query.series("memory", config=cfg).empty
-    assert query.series("cpu", config=cfg).empty and query.series("process", config=cfg).empty
+    assert not query.points("memory", config=cfg).empty
+    assert query.points("cpu", config=cfg).empty and query.points("process", config=cfg).empty
 
 
 def _child_counts(queue) -> None:
@@ -130,7 +130,7 @@ def test_no_sampler_in_a_forked_child(settings):
     assert mode == "embedded"  # the child records through a pipeline of its own...
     assert threads == 0  # ...but samples nothing: the parent's tree covers it
     sink.shutdown_all(10.0, forget=True)
-    assert not query.series("train", "worker_items", config=cfg).empty
+    assert not query.points("train", "worker_items", config=cfg).empty
 
 
 class _Exploding:
