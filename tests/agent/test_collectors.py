@@ -19,6 +19,7 @@ from provscope.agent.collectors.memory import MemoryCollector
 from provscope.agent.collectors.net import NetCollector
 from provscope.agent.collectors.nvml import NvmlCollector
 from provscope.agent.collectors.process import ProcessCollector, Watched, WatchList
+from provscope.exporters.influxdb.sanitize import REASONS
 from provscope.exporters.memory import MemoryExporter
 from provscope.exporters.pipeline import Pipeline
 
@@ -34,7 +35,8 @@ def _all_collectors(ps, nvml, amd):
     pipeline = Pipeline([MemoryExporter()])
     stats = {"uptime_seconds": 1.0, "points_collected_total": 5.0, "ingest_points_total": 0.0,
              "ingest_records_total": 0.0, "ingest_frames_total": 0.0,
-             "ingest_frames_rejected_total": 0.0, "ingest_connections": 0,
+             "ingest_frames_rejected_total": 0.0, "ingest_points_rejected_total": 0.0,
+             "ingest_connections": 0,
              "collector_errors_total": 0.0, "ticks_skipped_total": 0.0, "collectors_active": 9,
              "collect_overruns_total": 0.0,
              "points_total": 10.0}
@@ -88,6 +90,10 @@ def test_every_collector_emits_exactly_its_declared_specs(fake_psutil, fake_nvml
                              ("points_spooled_total", "points_replayed_total", "spool_bytes")}
                 # and only one that leaves fields out (the Prometheus exporter) this one
                 expected -= {("provscope", "fields_skipped_total")}
+                # and only a store with a sanitisation policy (InfluxDB, embedded) these
+                expected -= {("provscope", f) for f in (
+                    "points_rejected_total", "fields_rejected_total",
+                    *(f"rejected_{r}_total" for r in REASONS))}
             assert emitted == expected, f"{c.name}: missing {expected - emitted}"
             c.close()
     finally:
