@@ -34,8 +34,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser(
         "show", help="show one run: task tree, entities, resources",
         description="A run's task tree (durations, status, resources) and the entities its "
-        "tasks used and generated. RUN_ID may be any unambiguous prefix.")
-    s.add_argument("run_id", metavar="RUN_ID", help="run id or an unambiguous prefix of it")
+        "tasks used and generated. RUN_ID may be any unambiguous prefix; without it, the "
+        "latest run.")
+    s.add_argument("run_id", metavar="RUN_ID", nargs="?", default="latest",
+                   help="run id, an unambiguous prefix of it, or 'latest' (the default: "
+                   "the most recently started run)")
     s.add_argument("--max-children", type=int, default=20, metavar="N",
                    help="children listed per task before the rest are summarised (default 20)")
     s.add_argument("--all", action="store_true", help="list every task")

@@ -44,18 +44,22 @@ from provscope.query.runs import (
     tasks,
 )
 from provscope.query.series import SERIES_COLUMNS, points, series
+from provscope.query.summaries import NODE_FIELDS, node_series, resource_summary
 
 __all__ = [
+    "NODE_FIELDS",
     "SERIES_COLUMNS",
     "PartialResultWarning",
     "TimeLike",
     "derived_from",
     "entities",
+    "node_series",
     "origin",
     "points",
     "produced_by",
     "relations",
     "resolve_run_id",
+    "resource_summary",
     "run",
     "runs",
     "runs_using",

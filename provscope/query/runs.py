@@ -279,8 +279,10 @@ def tasks(run_id: str, *, config: Config | None = None) -> pd.DataFrame:
                 "SELECT * FROM tasks WHERE run_id = :run_id "
                 "ORDER BY start_ns IS NULL, start_ns, task_id", {"run_id": str(run_id)})
     open_ = (df["status"] == "running").fillna(False).astype(bool)
+    info = _run_status(str(run_id), cfg)
+    if info is not None and info["status"] == "running":
+        mark_partial(df, None)
     if open_.any():
-        info = _run_status(str(run_id), cfg)
         if info is not None and info["status"] == "lost":
             end = info["end_ns"]
             df.loc[open_, "status"] = "lost"

@@ -243,6 +243,7 @@ def _mark_runs(df: pd.DataFrame, run_ids: list[str], measurement: str,
         if row["status"] == "running":
             mark_partial(df, f"run {rid} is still running: its series end at the latest "
                          "point written so far")
+            continue  # no points yet is no news while it runs
         has = (df["run_id"] == rid).fillna(False).any() if len(df) else False
         if not has:
             mark_partial(df, _missing_line(rid, row, measurement, config))
