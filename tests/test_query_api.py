@@ -443,3 +443,14 @@ def test_show_defaults_to_the_latest_run(tmp_path, capsys):
     assert capsys.readouterr().out.splitlines()[0].split()[1:] == [second, "second"]
     assert main(["--set", f"embedded.path={path}", "show", first[:30]]) == 0
     assert first in capsys.readouterr().out
+
+
+def test_text_that_looks_like_a_number_stays_text(tmp_path):
+    cfg = load_config(overrides={"embedded.path": str(tmp_path / "p.db")}, environ={})
+    exporter = EmbeddedPointsExporter.from_config(cfg)
+    with Pipeline([exporter]) as pipeline:
+        pipeline.submit_many([Point("train", {"run_id": "r"}, {"step": 1, "version": "1.5"},
+                                    T0)])
+        assert pipeline.flush(10)
+    df = query.series("train", run_id="r", config=cfg)
+    assert df["version"].dtype == "string" and df["version"].tolist() == ["1.5"]

@@ -84,24 +84,33 @@ def read(path: Path, measurement: str, fields: Sequence[str] | None,
             + " END"
         fold = (f"coalesce(run_id, '') || '{_SEP}' || coalesce(host, '') || '{_SEP}' || "
                 f"coalesce(rank, '') || '{_SEP}' || coalesce(tags, '')")
+        # One column for numbers and text (a field holds one type only); text gets a
+        # leading STX so that no text ("1.5") can pass the float cast below as a number.
         rows = conn.execute(
-            f"SELECT time_ns, {case}, value, str_value, {fold} FROM points WHERE {clause}",
-            [*names, *params]).fetchall()
+            f"SELECT time_ns, {case}, coalesce(value, char(2) || str_value), {fold} "
+            f"FROM points WHERE {clause}", [*names, *params]).fetchall()
     except sqlite3.DatabaseError as exc:
         raise ProvscopeError(f"embedded store {path} cannot be read: {exc}") from None
     finally:
         conn.close()
     if not rows:
         return Columns.empty()
-    t_col, f_col, v_col, s_col, k_col = zip(*rows, strict=True)
+    # One object array, then one cast per column (faster than transposing with zip).
+    grid = np.array(rows, dtype=object)
     del rows
-    time_ns = np.fromiter(t_col, dtype=np.int64, count=len(t_col))
-    codes = np.fromiter(f_col, dtype=np.int64, count=len(f_col))
-    value = np.array(v_col, dtype=np.float64)  # NULL (None) -> NaN
+    time_ns = grid[:, 0].astype(np.int64)
+    codes = grid[:, 1].astype(np.int64)
+    mixed = grid[:, 2]
     strings = None
-    if any(s is not None for s in s_col):
-        strings = np.array(s_col, dtype=object)
-    key, uniques = pd.factorize(np.array(k_col, dtype=object))
+    try:
+        value = mixed.astype(np.float64)  # NULL (None) -> NaN
+    except (TypeError, ValueError):  # a text field among them
+        is_text = np.fromiter((type(v) is str for v in mixed), dtype=bool, count=len(mixed))
+        value = np.where(is_text, None, mixed).astype(np.float64)
+        strings = np.array([v[1:] if t else None for v, t in zip(mixed, is_text,
+                                                                   strict=True)],
+                           dtype=object)
+    key, uniques = pd.factorize(grid[:, 3])
     keys = [_tags(u) for u in uniques]
     t, k, out = pivot(time_ns, key.astype(np.int64), codes, names, value, strings)
     return Columns(t, k, keys, out)
@@ -112,16 +121,3 @@ def _tags(folded: str) -> dict[str, str]:
     tags = json.loads(extra) if extra else {}
     tags.update({k: v for k, v in (("run_id", run_id), ("host", host), ("rank", rank)) if v})
     return {k: str(v) for k, v in tags.items() if v not in (None, "")}
-
-
-def count(path: Path, measurement: str, filters: Mapping[str, Sequence[str]]) -> int:
-    """How many values of ``measurement`` match ``filters`` (any time)."""
-    conn = _open(path)
-    if conn is None:
-        return 0
-    clause, params = where(measurement, None, filters, None, None)
-    try:
-        return int(conn.execute(f"SELECT count(*) FROM points WHERE {clause}",
-                                params).fetchone()[0])
-    finally:
-        conn.close()
