@@ -454,3 +454,20 @@ def test_text_that_looks_like_a_number_stays_text(tmp_path):
         assert pipeline.flush(10)
     df = query.series("train", run_id="r", config=cfg)
     assert df["version"].dtype == "string" and df["version"].tolist() == ["1.5"]
+
+
+def test_benchmark_script_prints_both_figures(influx_server):
+    """benchmarks/query.py at a small size: its frames agree and both figures print."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "query.py"
+    out = subprocess.run([sys.executable, str(script), "--points", "5000", "--rounds", "1"],
+                         capture_output=True, text=True, timeout=300, cwd=script.parent,
+                         check=True).stdout
+    figures = {f["metric"]: f for f in map(json.loads, out.strip().splitlines())}
+    assert set(figures) == {"embedded_points_per_s", "influx_points_per_s"}
+    for f in figures.values():
+        assert f["points"] == 5000 and f["value"] > 0 and f["baseline_value"] > 0
