@@ -229,6 +229,7 @@ class Agent:
             # A job's frame is acknowledged once the pipeline has written, spooled or
             # counted every record of it (at-least-once delivery across an agent restart).
             durable=self.pipeline.durable,
+            on_flush=self.pipeline.wake,
         )
         self.scheduler.start()
         self.ingest.start()

@@ -50,7 +50,7 @@ log = logging.getLogger("provscope.ingest")
 _MAX_BAD_IN_A_ROW = 1000
 # How often a connection that wants acks looks at its outstanding marks while idle (an
 # exporter settles a batch a flush interval after it arrived, not when the job writes).
-_ACK_POLL_S = 0.05
+_ACK_POLL_S = 0.02
 
 
 class _Acks:
@@ -76,6 +76,8 @@ class IngestServer:
         on_hello: receives ``(pid, run_id, rank)`` of a job that said hello.
         on_watch: receives a WATCH frame's dict (``provscope run`` registering a command).
         status: returns the dict sent back for a STATUS frame.
+        on_flush: called (must not block) when a job that asked for acks waits for them
+            (a FLUSH frame): the pipeline exports what it holds now.
         durable: given what ``on_points``/``on_records`` returned for a frame, True once
             its records are durable (written, spooled, or dropped and counted); must not
             block. None: a frame is durable once its callback returned.
@@ -94,6 +96,7 @@ class IngestServer:
         on_hello: Callable[[int, str | None, int | None], Any] | None = None,
         on_watch: Callable[[dict[str, Any]], Any] | None = None,
         status: Callable[[], dict[str, Any]] | None = None,
+        on_flush: Callable[[], Any] | None = None,
         durable: Callable[[Any], bool] | None = None,
         max_frame_bytes: int = fr.MAX_FRAME_BYTES,
     ) -> None:
@@ -104,6 +107,7 @@ class IngestServer:
         self._on_watch = on_watch
         self._status = status
         self._durable = durable
+        self._on_flush = on_flush
         self._max = max_frame_bytes
         self._sock: socket.socket | None = None
         self._stop = threading.Event()
@@ -307,6 +311,11 @@ class IngestServer:
             elif self._on_watch is not None:
                 self._on_watch({**watch, "pid": pid})
             conn.sendall(fr.encode_json(fr.ACK, {}))
+        elif ftype == fr.FLUSH:
+            if acks is None or not acks.enabled:
+                raise fr.BadFrame("FLUSH is accepted only after a hello that asked for acks")
+            if self._on_flush is not None:
+                self._on_flush()
         elif ftype == fr.STATUS:
             reply = self._status() if self._status else {}
             conn.sendall(fr.encode_json(fr.STATUS_REPLY, reply))

@@ -87,6 +87,10 @@ class BatchProcessor(QueueWorker):
         self._inflight = 0  # records the worker took and has not settled yet
         self._start_worker()
 
+    def wake(self) -> None:
+        """Export what is queued now, not at the next flush interval. Never blocks."""
+        self._wake.set()
+
     @property
     def settled(self) -> int:
         """How many of the records submitted so far are settled: exported (written or
@@ -315,6 +319,12 @@ class Pipeline:
                 proc.submit_many(lineage)
             targets += self._lineage
         return tuple((proc, proc.received) for proc in targets)
+
+    def wake(self) -> None:
+        """Export what is queued now instead of at the next flush interval (a job waits
+        for its records to be durable). Never blocks."""
+        for proc in self.processors:
+            proc.wake()
 
     @staticmethod
     def durable(mark: Mark) -> bool:

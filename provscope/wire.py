@@ -19,6 +19,9 @@ type   name          body
 7      ACK           ``{}`` the agent's answer to WATCH
 8      DURABLE       ``{"n": int}`` agent to job: the first ``n`` data frames of this
                      connection are durable
+9      FLUSH         empty, job to agent, only after a hello with ``"acks": true``: the
+                     job waits in ``flush``; export what is queued now rather than at
+                     the next flush interval
 =====  ============  ==========================================================
 
 Acknowledged delivery (protocol version 2). The data frames of a connection (POINTS and
@@ -69,6 +72,7 @@ __all__ = [
     "ACK",
     "DATA_TYPES",
     "DURABLE",
+    "FLUSH",
     "HEADER",
     "HELLO",
     "MAX_FRAME_BYTES",
@@ -93,8 +97,9 @@ __all__ = [
 ]
 
 HEADER = struct.Struct(">IB")
-HELLO, POINTS, RECORDS, STATUS, STATUS_REPLY, WATCH, ACK, DURABLE = 1, 2, 3, 4, 5, 6, 7, 8
-KNOWN_TYPES = frozenset({HELLO, POINTS, RECORDS, STATUS, STATUS_REPLY, WATCH, ACK, DURABLE})
+HELLO, POINTS, RECORDS, STATUS, STATUS_REPLY, WATCH, ACK, DURABLE, FLUSH = range(1, 10)
+KNOWN_TYPES = frozenset({HELLO, POINTS, RECORDS, STATUS, STATUS_REPLY, WATCH, ACK, DURABLE,
+                         FLUSH})
 #: Frame types that carry records; DURABLE counts these, in order, per connection.
 DATA_TYPES = frozenset({POINTS, RECORDS})
 #: The protocol version a hello announces (2: acknowledged delivery).

@@ -125,6 +125,7 @@ class AgentClient(QueueWorker):
         super()._reset_queue()
         self._pid = os.getpid()
         self._hello_due = False
+        self._flush_due = False  # flush() waits: ask an acknowledging agent to export now
         self._reconnect = Backoff(min(_FIRST_RECONNECT_S, self._reconnect_s), self._reconnect_s)
         # The resend window: [frame, records, written before] sent or to be sent, not yet
         # acknowledged, oldest first. Its first _on_wire entries were written on the
@@ -355,7 +356,13 @@ class AgentClient(QueueWorker):
         while True:
             self._read_acks()
             can_send = self._unsent() or (bool(queue) and not self._window_full())
-            if not can_send and not self._hello_due:
+            # After the last frame: the agent would otherwise settle it only at its next
+            # flush interval (up to a second), and flush() would wait that long.
+            flush_now = (self._flush_due and not can_send and self._acking is True
+                         and self._sock is not None and bool(self._window))
+            if not can_send and not self._hello_due and not flush_now:
+                if not self._window:
+                    self._flush_due = False
                 self._idle.set()
                 if self._stopping:
                     return
@@ -384,6 +391,9 @@ class AgentClient(QueueWorker):
                     self._send_hello(self._sock)
                 if can_send:
                     self._send_next(self._sock)
+                elif flush_now:
+                    self._sock.sendall(fr.encode_frame(fr.FLUSH, b""))
+                    self._flush_due = False
             except Exception:
                 # The agent went away mid-frame: it discards the partial frame, and the
                 # whole window is sent again after the reconnect.
@@ -400,6 +410,7 @@ class AgentClient(QueueWorker):
 
         Blocks up to ``timeout_s``. True when nothing is left in this process.
         """
+        self._flush_due = True
         return self._wait_drained(
             time.monotonic() + timeout_s,
             busy=lambda: self._unsent() or (self._sock is not None and self._awaiting_acks()))

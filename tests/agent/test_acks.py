@@ -303,3 +303,29 @@ def test_pipeline_marks_follow_each_exporter_and_count_drops_as_settled():
         assert stats["points_dropped_total"] + len(gate.records) == 17
     finally:
         pipeline.shutdown(1)
+
+
+def test_a_waiting_job_asks_the_agent_to_export_now_instead_of_at_its_interval(sock_path):
+    exporter = MemoryExporter()
+    pipeline = Pipeline([exporter], flush_interval_s=30.0)  # the agent would wait 30 s
+    srv = IngestServer(sock_path, on_points=pipeline.submit_many,
+                       on_records=pipeline.submit_many, durable=pipeline.durable,
+                       on_flush=pipeline.wake)
+    srv.start()
+    client = _client(sock_path)
+    try:
+        client.submit_many(_points(10))
+        t0 = time.monotonic()
+        assert client.flush(10)  # durable: written by the exporter, acknowledged
+        assert time.monotonic() - t0 < 2.0
+        assert [p.time_ns for p in exporter.records] == list(range(10))
+        assert client.stats()["points_acknowledged_total"] == 10
+        # FLUSH means nothing on a connection that did not ask for acks: rejected.
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.connect(str(sock_path))
+            s.sendall(fr.encode_frame(fr.FLUSH, b""))
+            assert _wait(lambda: srv.rejected == 1)
+    finally:
+        client.shutdown(1)
+        srv.stop()
+        pipeline.shutdown(1)
