@@ -14,8 +14,9 @@ InfluxDB + SQLite/PostgreSQL), with no join written by the caller:
 Every function takes run ids or unambiguous prefixes and ``config=``; each blocks on the
 stores it reads. Bad input raises ``ProvscopeError`` with one line: an unknown or ambiguous
 id (from ``query.resolve_run_id``), or a run still in progress when ``partial`` is not set
-(its final values are not known yet). Results built from a run still in progress carry
-``partial`` (``df.attrs["partial"]``: the ids of such runs).
+(its final values are not known yet). Results built from a run still in progress are
+marked as the query API marks them: ``df.attrs["partial"]`` is True and
+``df.attrs["warnings"]`` says why (``Reproduction.partial`` likewise).
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ __all__ = [
     "quality_cost",
     "reproduce",
     "resolve",
+    "series",
     "to_json",
 ]
 
@@ -142,6 +144,20 @@ def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: value} if prefix else {}
 
 
+def series(measurement: str, fields: str | Sequence[str] | None = None, *,
+           warnings_: list[str] | None = None, **kwargs: Any) -> pd.DataFrame:
+    """``query.series`` with its partial-result warnings collected into ``warnings_``
+    (when given) instead of issued: the caller reports them once, its own way."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", query.PartialResultWarning)
+        df = query.series(measurement, fields, **kwargs)
+    if warnings_ is not None:
+        warnings_.extend(w for w in df.attrs.get("warnings", []) if w not in warnings_)
+    return df
+
+
 def final_metrics(run_id: str, *, measurement: str = "train",
                   fields: Sequence[str] | None = None,
                   config: Config | None = None) -> dict[str, float]:
@@ -150,14 +166,15 @@ def final_metrics(run_id: str, *, measurement: str = "train",
     Reads the run's points of that measurement (all ranks; the latest point wins). The
     ``step`` and ``epoch`` fields are reported too, so the caller sees where it ended.
     """
-    df = query.series(measurement, run_id=run_id, config=config)
-    if df.empty:
-        return {}
-    df = df[df["value"].notna()]
-    if fields is not None:
-        df = df[df["field"].isin(list(fields))]
-    last = df.groupby("field", sort=True)["value"].last()
-    return {str(k): float(v) for k, v in last.items()}
+    df = series(measurement, fields, run_id=run_id, index="time", config=config)
+    out: dict[str, float] = {}
+    for name in df.attrs.get("fields") or []:
+        if name not in df or df[name].dtype == object or str(df[name].dtype) == "string":
+            continue
+        values = df[name].dropna()  # rows are in time order: the last is the latest
+        if len(values):
+            out[str(name)] = float(values.iloc[-1])
+    return dict(sorted(out.items()))
 
 
 def _used_data(run_id: str, cfg: Config) -> dict[str, dict[str, Any]]:
@@ -237,7 +254,8 @@ def diff(run_a: str, run_b: str, *, only_differences: bool = False, partial: boo
         URI for data, the field for metrics), ``a`` and ``b`` (None where a run has no
         such key), ``same``. Data values are digests (``sha256:...``) of the entities
         each run used; metrics the last recorded value of each ``train`` field.
-        ``df.attrs``: ``run_a``, ``run_b`` (full ids), ``partial`` (ids still running).
+        ``df.attrs``: ``run_a``, ``run_b`` (full ids), ``partial`` (True when a run is
+        still running), ``warnings`` (one line each), ``running`` (those ids).
         Blocks on the stores.
     """
     cfg = _config(config)
@@ -258,9 +276,18 @@ def diff(run_a: str, run_b: str, *, only_differences: bool = False, partial: boo
             rows.append((section, key, x, y, same))
     df = pd.DataFrame(rows, columns=DIFF_COLUMNS)
     df["same"] = df["same"].astype(bool)
-    df.attrs.update(run_a=str(a["run_id"]), run_b=str(b["run_id"]),
-                    partial=[str(r["run_id"]) for r in (a, b) if r["status"] == "running"])
+    df.attrs.update(run_a=str(a["run_id"]), run_b=str(b["run_id"]))
+    _mark(df, [str(r["run_id"]) for r in (a, b) if r["status"] == "running"])
     return df
+
+
+def _mark(df: pd.DataFrame, running: Sequence[str]) -> None:
+    """The query API's convention: ``attrs["partial"]`` (bool), one line per reason in
+    ``attrs["warnings"]``; and ``attrs["running"]``, the ids still in progress."""
+    df.attrs["running"] = list(running)
+    df.attrs["partial"] = bool(running)
+    df.attrs["warnings"] = [f"run {r} is still running: its values are those recorded so "
+                            "far" for r in running]
 
 
 # ----------------------------------------------------------------------------- reproduce
@@ -489,22 +516,18 @@ def _run_costs(run: pd.Series, tasks: pd.DataFrame) -> dict[str, float | None]:
 def _metric(run_id: str, metric: str, measurement: str, which: str, mode: str,
             cfg: Config) -> tuple[float | None, float | None]:
     """(value, step) of the final or best ``metric`` of a run; (None, None) if absent."""
-    df = query.series(measurement, run_id=run_id, config=cfg)
-    if df.empty:
+    df = series(measurement, run_id=run_id, index="time", config=cfg)
+    if metric not in df or not df[metric].notna().any():
         return None, None
-    wide = df[df["field"].isin([metric, "step"]) & df["value"].notna()] \
-        .pivot_table(index="time_ns", columns="field", values="value", aggfunc="last")
-    if metric not in wide:
-        return None, None
-    values = wide[metric].dropna()
-    if values.empty:
-        return None, None
+    values = df[metric].reset_index(drop=True)
+    steps = df["step"].reset_index(drop=True) if "step" in df else None
+    values = values.dropna()
     if which == "final":
         at = values.index[-1]
     else:
         at = values.idxmin() if mode == "min" else values.idxmax()
-    step = wide["step"].get(at) if "step" in wide else None
-    return float(values[at]), None if _na(step) else float(step)
+    step = None if steps is None else steps.get(at)
+    return float(values[at]), None if _na(step) else float(step)  # type: ignore[arg-type]
 
 
 def quality_cost(runs: Iterable[str] | pd.DataFrame | None = None, *, metric: str = "loss",
@@ -530,7 +553,8 @@ def quality_cost(runs: Iterable[str] | pd.DataFrame | None = None, *, metric: st
         ``metric`` (the name), ``value``, ``step`` (where that value was recorded),
         ``gpu_hours``, ``energy_j``, ``energy_kwh``, ``wall_s``, ``read_bytes``,
         ``cpu_seconds`` (Float64, NA when not recorded) and ``pareto`` (bool).
-        ``df.attrs``: ``metric``, ``mode``, ``which``, ``partial`` (ids still running).
+        ``df.attrs``: ``metric``, ``mode``, ``which``, ``partial``, ``warnings`` and
+        ``running`` (as for ``diff``).
         Blocks on the stores (one series read per run).
     """
     if mode not in ("min", "max"):
@@ -569,9 +593,8 @@ def quality_cost(runs: Iterable[str] | pd.DataFrame | None = None, *, metric: st
         pd.Series(dtype=bool)
     df = df.sort_values("value", ascending=mode == "min", na_position="last",
                         kind="stable").reset_index(drop=True)
-    df.attrs.update(metric=metric, mode=mode, which=which,
-                    partial=[r for r, s in zip(df["run_id"], df["status"], strict=True)
-                             if s == "running"])
+    df.attrs.update(metric=metric, mode=mode, which=which)
+    _mark(df, [r for r, s in zip(df["run_id"], df["status"], strict=True) if s == "running"])
     return df
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install everything the test suite needs, then run it all.
 #  - Debian packages (as root, only when missing): influxdb, prometheus, postgresql,
-#    docker-compose, victoria-metrics.
+#    docker-compose, victoria-metrics, chromium.
 #  - A virtual environment .venv with torch==2.13.0 (the CPU wheel) and provscope[dev,torch].
 #  - ruff; the structure checks (import-linter contracts, mypy over the whole package);
 #    then pytest with a node agent listening on the default socket (a private
@@ -18,6 +18,8 @@ command -v victoria-metrics >/dev/null || need+=(victoria-metrics)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
 # docker-compose (1.29) parses and prints docker-compose.yml in tests/alerts without an engine.
 command -v docker-compose >/dev/null || need+=(docker-compose)
+# Headless Chromium renders the HTML report in tests/analysis (console errors, figures drawn).
+command -v chromium >/dev/null || need+=(chromium)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     apt-get update -qq

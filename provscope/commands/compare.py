@@ -102,6 +102,7 @@ def _partial_note(ids: list[str]) -> None:
         print(f"partial: still running: {', '.join(ids)} (values so far)", file=sys.stderr)
 
 
+
 # ----------------------------------------------------------------------------- diff
 
 def run_diff(args: argparse.Namespace) -> int:
@@ -121,7 +122,7 @@ def run_diff(args: argparse.Namespace) -> int:
         rows = [[str(r.key), _cell(r.a), _cell(r.b)] for r in part.itertuples()]
         print(f"\n{section}")
         print(_table(["KEY", "A", "B"], rows))
-    _partial_note(df.attrs["partial"])
+    _partial_note(df.attrs["running"])
     return 0
 
 
@@ -140,7 +141,7 @@ def run_reproduce(args: argparse.Namespace) -> int:
     print(f"run      {rep.run_id}  {rep.name or '-'}  ({rep.status or '-'})")
     print(f"hosts    {', '.join(rep.hosts) or '-'}")
     env = rep.environment
-    packages = env.get("packages") if isinstance(env.get("packages"), dict) else {}
+    packages: dict[str, Any] = env["packages"] if isinstance(env.get("packages"), dict) else {}
     versions = [f"python {env['python']}"] if env.get("python") else []
     versions += [f"{k} {v}" for k, v in sorted(packages.items())]
     if env.get("cuda"):
@@ -198,5 +199,5 @@ def run_cost(args: argparse.Namespace) -> int:
     print(_table(["", "RUN ID", "NAME", label, "GPU H", "ENERGY KWH", "WALL", "READ"], rows))
     print(f"\n* Pareto front: no other run has a better {args.metric} "
           f"({'lower' if args.mode == 'min' else 'higher'} is better) at no more cost")
-    _partial_note(df.attrs["partial"])
+    _partial_note(df.attrs["running"])
     return 0

@@ -34,7 +34,7 @@ def test_diff_names_config_data_and_metric_differences(store, tmp_path):
     data.write_text("other bytes\n")
     b = record_run(settings, data, tmp_path / "b", lr=0.2)
     df = compare.diff(a[:13], b, config=settings)
-    assert df.attrs["run_a"] == a and df.attrs["run_b"] == b and df.attrs["partial"] == []
+    assert df.attrs["run_a"] == a and df.attrs["run_b"] == b and df.attrs["partial"] is False
     lr = _cell(df, "config", "lr")
     assert (lr.a, lr.b, lr.same) == (0.1, 0.2, False)
     assert _cell(df, "config", "model.layers").same  # nested keys flattened
@@ -103,7 +103,7 @@ def test_running_run_is_refused_unless_partial(store, tmp_path, capsys):
     with pytest.raises(ProvscopeError, match="still running"):
         compare.reproduce(live, config=settings)
     df = compare.diff(done, live, partial=True, config=settings)
-    assert df.attrs["partial"] == [live]
+    assert df.attrs["partial"] is True and df.attrs["running"] == [live]
     assert main([*flags, "diff", done, live, "--partial"]) == 0
     assert f"partial: still running: {live}" in capsys.readouterr().err
 
