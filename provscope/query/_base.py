@@ -251,7 +251,7 @@ def typed(rows: list[Any], columns: list[str], dtypes: Mapping[str, Any]) -> pd.
 
 def infer_typed(df: pd.DataFrame) -> pd.DataFrame:
     """A frame of unknown columns (``sql()``) brought into the convention by content."""
-    out = {}
+    out: dict[str, Any] = {}
     for c in df.columns:
         s = df[c]
         if pd.api.types.is_bool_dtype(s):

@@ -106,7 +106,9 @@ def read(path: Path, measurement: str, fields: Sequence[str] | None,
         value = mixed.astype(np.float64)  # NULL (None) -> NaN
     except (TypeError, ValueError):  # a text field among them
         is_text = np.fromiter((type(v) is str for v in mixed), dtype=bool, count=len(mixed))
-        value = np.where(is_text, None, mixed).astype(np.float64)
+        numbers = mixed.copy()
+        numbers[is_text] = None
+        value = numbers.astype(np.float64)
         strings = np.array([v[1:] if t else None for v, t in zip(mixed, is_text,
                                                                    strict=True)],
                            dtype=object)

@@ -126,7 +126,7 @@ def runs(*, limit: int | None = None, name: str | None = None, status: str | Non
     want: Mapping[str, Any] | None = None
     if isinstance(config, Mapping):
         want, config = config, None
-    cfg = _cfg(settings if settings is not None else config)  # type: ignore[arg-type]
+    cfg = _cfg(settings if settings is not None else config)
     where: list[str] = []
     params: dict[str, Any] = {}
     live = status in ("running", "lost")  # told apart by the heartbeat after reading
@@ -332,13 +332,13 @@ def task_tree(run_id: str, *, config: Config | None = None) -> list[dict[str, An
     df = tasks(run_id, config=config)
     nodes: dict[str, dict[str, Any]] = {}
     for rec in df.to_dict(orient="records"):
-        node = {k: (None if not isinstance(v, dict | list) and pd.isna(v) else v)
-                for k, v in rec.items()}
+        node: dict[str, Any] = {str(k): (None if not isinstance(v, dict | list) and
+                                         pd.isna(v) else v) for k, v in rec.items()}
         node["children"] = []
         nodes[node["task_id"]] = node
     roots: list[dict[str, Any]] = []
     for node in nodes.values():
-        parent = nodes.get(node["parent_task_id"]) if node["depth"] else None
+        parent = nodes.get(str(node["parent_task_id"])) if node["depth"] else None
         (parent["children"] if parent is not None else roots).append(node)
     return roots
 

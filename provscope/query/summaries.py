@@ -152,6 +152,11 @@ def node_series(of: str = "latest", fields: str | Sequence[str] | None = None, *
     return out
 
 
+def _ns(index: pd.Index) -> np.ndarray:
+    """A UTC time index as Unix ns."""
+    return np.asarray(index.to_numpy(dtype="datetime64[ns]")).view(np.int64)
+
+
 def _window_mean(times: np.ndarray, values: np.ndarray, starts: np.ndarray,
                  ends: np.ndarray) -> np.ndarray:
     """Mean of ``values`` (NaN: no value) with ``start <= time <= end``, per window."""
@@ -224,9 +229,9 @@ def resource_summary(run_id: str = "latest", *, metrics: str = "train",
         "start_ns": info["start_ns"], "end_ns": info["end_ns"],
     }
     for col in _RESOURCES:
-        values = top[col].dropna()
-        run_row[col] = (values.max() if col == "peak_rss_bytes" else values.sum()) \
-            if len(values) else None
+        known = top[col].dropna()
+        run_row[col] = (known.max() if col == "peak_rss_bytes" else known.sum()) \
+            if len(known) else None
     rows = [run_row]
     for rec in tk.to_dict(orient="records"):
         rows.append({"level": "task", "run_id": rid, "task_id": rec["task_id"],
@@ -262,14 +267,14 @@ def resource_summary(run_id: str = "latest", *, metrics: str = "train",
     for field, col in _UTILISATION.items():
         out = np.full(len(df), np.nan)
         if nodes is not None and len(nodes) and field in nodes:
-            times = nodes.index.asi8
+            times = _ns(nodes.index)
             values = nodes[field].to_numpy(dtype=np.float64, na_value=np.nan)
             out = _window_mean(times, values, starts_i, ends_i)
         out[~has_window] = np.nan
         df[col] = pd.arrays.FloatingArray(np.nan_to_num(out), np.isnan(out))
 
     if train is not None and len(train):
-        times = train.index.asi8
+        times = _ns(train.index)
         for field in train.attrs.get("fields", []):
             col = train[field]
             if col.dtype == TEXT:
