@@ -6,7 +6,7 @@ its time window, a heatmap of per-layer statistics and the resource summary. For
 several runs: their differences (``compare.diff`` against the first), their curves on
 one plot and quality against cost with the Pareto front (``compare.quality_cost``).
 
-Figures are PNGs embedded as ``data:`` URIs and the style sheet is inline: the file
+Figures are inline SVG (``provscope.plots``) and the style sheet is inline: the file
 fetches nothing when it is opened, and can be mailed or attached to a ticket. Building it
 blocks on the stores; ``progress=True`` shows a progress bar (on stderr) while it
 gathers each run's data, the long part for a long run.
@@ -14,7 +14,6 @@ gathers each run's data, the long part for a long run.
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
 import html
 import json
@@ -238,7 +237,7 @@ td,th{border:1px solid #ddd;padding:3px 7px;text-align:left;vertical-align:top}
 th{background:#f4f4f4}td.num{text-align:right;font-variant-numeric:tabular-nums}
 code,pre{font-family:Menlo,Consolas,monospace;font-size:12px}
 pre{background:#f7f7f7;padding:8px;overflow:auto;max-height:240px}
-img.plot{max-width:100%;display:block;margin:6px 0}
+.figure{overflow-x:auto;margin:6px 0}svg.plot{display:block;max-width:100%;height:auto}
 .muted{color:#777}.warn{background:#fff4d6;border:1px solid #f0c36d;padding:6px 10px}
 .diff td.b{background:#fff1f0}nav a{margin-right:12px}
 """
@@ -254,11 +253,11 @@ def _e(value: Any) -> str:
     return html.escape(str(value))
 
 
-def _img(png: bytes | None, alt: str) -> str:
-    if png is None:
+def _img(svg: str | None, alt: str) -> str:
+    """A figure (inline SVG from ``provscope.plots``), or a line saying it has no data."""
+    if svg is None:
         return f'<p class="muted">{html.escape(alt)}: nothing recorded</p>'
-    data = base64.b64encode(png).decode("ascii")
-    return f'<img class="plot" alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+    return f'<div class="figure">{svg}</div>'
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]], *,
@@ -431,10 +430,8 @@ def _comparison(data: list[RunData], cfg: Config, partial: bool) -> str:
 def render(data: list[RunData], *, partial: bool = False,
            config: Config | None = None) -> str:
     """The HTML text of the report of ``data`` (``gather``'s result). Draws every figure
-    (CPU-bound: about a second per run); for several runs, reads their comparison."""
-    if not plots.available():
-        raise ProvscopeError("provscope report draws with matplotlib, which is not "
-                             "installed; pip install 'provscope[report]'")
+    (CPU-bound, a fraction of a second per run); for several runs, reads their
+    comparison."""
     cfg = compare._config(config)
     title = ("provscope report: " + ", ".join(d.label for d in data))[:200]
     nav = "".join(f'<a href="#run-{d.run_id}">{_e(d.label)}</a>' for d in data)
@@ -463,9 +460,6 @@ def write(runs: Sequence[str], output: str | os.PathLike[str], *, partial: bool 
           progress: bool = False, config: Config | None = None) -> dict[str, Any]:
     """Write the report of ``runs`` to ``output`` (one HTML file; its directory must
     exist). Returns ``{"path", "bytes", "seconds", "runs"}``. Blocks."""
-    if not plots.available():
-        raise ProvscopeError("provscope report draws with matplotlib, which is not "
-                             "installed; pip install 'provscope[report]'")
     t0 = time.perf_counter()
     cfg = compare._config(config)
     data = gather(runs, partial=partial, progress=progress, config=cfg)

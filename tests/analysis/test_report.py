@@ -11,14 +11,18 @@ when that is set).
 
 from __future__ import annotations
 
+import base64
+import html
+import io
 import json
 import os
 import re
 import shutil
+import struct
 import subprocess
 import time
+import zlib
 
-import pytest
 from provscope.exporters.embedded import EmbeddedPointsExporter
 from provscope.exporters.pipeline import Pipeline
 
@@ -28,8 +32,6 @@ from provscope.records import Point
 from provscope.testing.required import require_binary
 
 from .conftest import record_run
-
-pytest.importorskip("matplotlib")
 
 # Read at import: the suite's isolation fixture removes every PROVSCOPE_* variable.
 ARTIFACTS = os.environ.get("PROVSCOPE_ARTIFACTS")
@@ -44,16 +46,26 @@ for (const level of ["error", "warn"]) {
                                    original.apply(console, args); };
 }
 window.addEventListener("load", () => {
-  const figures = [...document.querySelectorAll("img, svg")].map(el => {
+  // every top-level figure: its laid-out size and how many shapes it drew
+  const figures = [...document.querySelectorAll("img, body svg:not(svg svg)")].map(el => {
     const box = el.getBoundingClientRect();
-    return {alt: el.getAttribute("alt") || el.tagName, width: box.width, height: box.height,
-            natural: el.naturalWidth === undefined ? -1 : el.naturalWidth,
-            complete: el.complete === undefined ? true : el.complete};
+    // data shapes: lines, points, bars, the heatmap image (not frames or backgrounds)
+    const data = "polyline, circle, rect[fill^='#'], rect[fill^='url'], image";
+    const shapes = el.tagName === "IMG" ? 1 : el.querySelectorAll(data).length;
+    let drawn = el.tagName === "IMG" && el.complete && el.naturalWidth > 0 ? 1 : 0;
+    for (const shape of el.querySelectorAll(data)) {
+      const b = shape.getBoundingClientRect();
+      if (b.width > 0 || b.height > 0) drawn++;
+    }
+    return {label: el.getAttribute("aria-label") || el.getAttribute("alt") || el.tagName,
+            tag: el.tagName, width: box.width, height: box.height, shapes, drawn};
   });
+  // the heatmap's cells: an <image> whose PNG must decode
+  const images = [...document.querySelectorAll("svg image")].map(im => im.getAttribute("href"));
   const fetched = performance.getEntriesByType("resource").map(r => r.name);
   const out = document.createElement("pre");
   out.id = "__check";
-  out.textContent = JSON.stringify({errors: window.__errors, figures, fetched});
+  out.textContent = JSON.stringify({errors: window.__errors, figures, fetched, images});
   document.body.appendChild(out);
 });
 </script>"""
@@ -83,8 +95,6 @@ def _load(path, tmp_path) -> tuple[dict, str]:
     assert proc.returncode == 0, proc.stderr[-2000:]
     found = re.search(r'<pre id="__check">(.*?)</pre>', proc.stdout, re.S)
     assert found, ("the check script did not run", proc.stdout[-1000:], proc.stderr[-2000:])
-    import html
-
     return json.loads(html.unescape(found.group(1))), proc.stderr
 
 
@@ -130,14 +140,33 @@ def _telemetry(settings, run_id: str, *, steps: int = 20, host: str | None = Non
         assert pipeline.flush(10)
 
 
-def _figures_drawn(check: dict, expected: int) -> None:
+def _figures_drawn(check: dict, expected: list[str]) -> None:
     assert check["errors"] == []
     assert check["fetched"] == []  # self-contained: nothing was fetched
     figures = check["figures"]
-    assert len(figures) == expected, figures
+    assert [f["label"] for f in figures] == expected, figures
     for fig in figures:
-        assert fig["complete"] and fig["natural"] > 0, fig  # the PNG decoded
-        assert fig["width"] > 100 and fig["height"] > 50, fig  # and was laid out
+        assert fig["tag"] == "svg"
+        assert fig["width"] > 300 and fig["height"] > 50, fig  # laid out
+        assert fig["shapes"] >= 2 and fig["drawn"] == fig["shapes"], fig  # all laid out
+    for href in check["images"]:  # the heatmap cells: a PNG that decodes
+        data = base64.b64decode(href.split(",", 1)[1])
+        assert data[:8] == b"\x89PNG\r\n\x1a\n"
+        width, height = struct.unpack(">II", data[16:24])
+        assert width > 0 and height > 0
+        body = io.BytesIO(data[8:])
+        chunks = {}
+        while True:
+            n = struct.unpack(">I", body.read(4))[0]
+            kind = body.read(4)
+            chunks[kind] = body.read(n)
+            body.read(4)
+            if kind == b"IEND":
+                break
+        assert len(zlib.decompress(chunks[b"IDAT"])) == height * (1 + 3 * width)
+
+
+RUN_FIGURES = ["task timeline", "training curves", "utilisation", "layer statistics heatmap"]
 
 
 def _console_errors(log: str) -> list[str]:
@@ -155,6 +184,7 @@ def test_report_of_one_run_renders_in_chromium(store, tmp_path):
     page = out.read_text(encoding="utf-8")
     # nothing outside the file: no http(s) URL in any src/href, no script, no link
     assert not re.search(r'(src|href)="(https?:)?//', page)
+    assert "<svg" in page and "<img" not in page
     assert "<script" not in page and "<link" not in page
     for heading in ("task timeline", "training curves", "utilisation of its hosts",
                     "layer statistics", "data, models and checkpoints", "resources"):
@@ -162,7 +192,7 @@ def test_report_of_one_run_renders_in_chromium(store, tmp_path):
     assert "nothing recorded" not in page  # every figure of the run has data
     assert run_id in page and "data.txt" in page
     check, log = _load(out, tmp_path)
-    _figures_drawn(check, expected=4)  # timeline, curves, utilisation, heatmap
+    _figures_drawn(check, RUN_FIGURES)
     assert _console_errors(log) == []
     _screenshot(out, tmp_path, "report-one-run.png")
 
@@ -181,8 +211,8 @@ def test_report_of_several_runs_has_comparison_and_cost(store, tmp_path, capsys)
     assert '<h2 id="comparison">comparison</h2>' in page
     assert "<h3>quality against cost</h3>" in page and "<td>lr</td>" in page
     check, log = _load(out, tmp_path)
-    # comparison: curves + cost; then per run: timeline, curves, utilisation, heatmap
-    _figures_drawn(check, expected=2 + 4 * 2)
+    _figures_drawn(check, ["training curves", "quality against cost", *RUN_FIGURES,
+                           *RUN_FIGURES])
     assert _console_errors(log) == []
     _screenshot(out, tmp_path, "report-two-runs.png")
 
@@ -196,7 +226,9 @@ def test_report_without_telemetry_says_what_is_missing(store, tmp_path):
     assert "layer statistics heatmap: nothing recorded" in page
     check, _ = _load(out, tmp_path)
     assert check["errors"] == [] and check["fetched"] == []
-    assert all(f["natural"] > 0 for f in check["figures"])
+    assert [f["label"] for f in check["figures"]] == ["task timeline", "training curves",
+                                                      "utilisation"]  # the job's own samples
+    assert all(1 <= f["drawn"] == f["shapes"] for f in check["figures"]), check["figures"]
 
 
 def test_report_bad_input_is_one_line(store, tmp_path, capsys):
