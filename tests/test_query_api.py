@@ -415,6 +415,13 @@ def test_unreachable_stores_and_bad_arguments_are_one_line(tmp_path):
         query.series("train", resample="10s", config=cfg)
     with pytest.raises(ProvscopeError, match="no runs recorded"):
         query.run(config=cfg)
+    exporter = EmbeddedPointsExporter.from_config(cfg)
+    with Pipeline([exporter]) as pipeline:
+        pipeline.submit_many([Point("cpu", {"host": "n1"}, {"usage_percent": 1.0}, T0)])
+        assert pipeline.flush(10)
+    with pytest.raises(ProvscopeError, match="no numeric 'step' field; allowed: index='time'"):
+        query.series("cpu", index="step", config=cfg)
+    assert query.series("cpu", config=cfg)["usage_percent"].tolist() == [1.0]
 
 
 def test_older_lineage_schema_reads_with_one_line(tmp_path):

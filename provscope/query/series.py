@@ -175,6 +175,10 @@ def series(measurement: str, fields: str | Sequence[str] | None = None, *,
     if index == "step" and wanted is not None and "step" not in wanted:
         read_fields = [*wanted, "step"]
     cols = _read(cfg, measurement, read_fields, filters, lo, hi)
+    if index == "step" and len(cols.time_ns) and (
+            "step" not in cols.fields or cols.fields["step"].dtype == object):
+        raise ProvscopeError(f"index='step' but the {measurement!r} points asked for have "
+                             "no numeric 'step' field; allowed: index='time'")
     df = frame(cols, wanted, index, _int_fields(measurement))
     if resample is not None:
         df = _resample(df, resample, agg, index)
