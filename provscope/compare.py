@@ -351,7 +351,10 @@ def check_data(entity: Mapping[str, Any], *, hash_max_bytes: int) -> DataCheck:
     check = DataCheck(uri=uri, name=entity.get("name"), kind=entity.get("kind"),
                       role=str(entity.get("role") or ""), digest=entity.get("digest"),
                       size_bytes=entity.get("size_bytes"), status="unchecked")
-    if not uri or not str(uri).startswith("file://"):
+    if not uri:
+        check.detail = "not a file (a model's architecture, a value): nothing to read again"
+        return check
+    if not str(uri).startswith("file://"):
         check.detail = "not a local file; provscope cannot see whether it changed"
         return check
     path = Path(unquote(urlsplit(str(uri)).path))
