@@ -478,3 +478,23 @@ def test_benchmark_script_prints_both_figures(influx_server):
     assert set(figures) == {"embedded_points_per_s", "influx_points_per_s"}
     for f in figures.values():
         assert f["points"] == 5000 and f["value"] > 0 and f["baseline_value"] > 0
+
+
+def test_a_run_without_status_or_host_reads_without_errors(tmp_path):
+    cfg = load_config(overrides={"embedded.path": str(tmp_path / "p.db")}, environ={})
+    run_id = new_id()
+    store = SqlLineageStore(cfg.lineage_url)
+    store.write([RunRecord(run_id, start_ns=T0)])  # nothing else known
+    store.close()
+    exporter = EmbeddedPointsExporter.from_config(cfg)
+    with Pipeline([exporter]) as pipeline:
+        pipeline.submit_many([Point("train", {"run_id": run_id}, {"step": 1, "loss": 2.0},
+                                    T0)])
+        assert pipeline.flush(10)
+    assert query.series("train", "loss", run_id=run_id, config=cfg)["loss"].tolist() == [2.0]
+    assert pd.isna(query.run(run_id, config=cfg)["status"])
+    assert query.tasks(run_id, config=cfg).empty
+    summary = query.resource_summary(run_id, config=cfg)
+    assert summary["final_loss"].tolist() == [2.0]
+    with pytest.warns(query.PartialResultWarning, match="no host recorded"):
+        assert query.node_series(run_id, config=cfg).empty

@@ -66,6 +66,11 @@ def complete(df: Any) -> Any:
     return df
 
 
+def equals(value: Any, text: str) -> bool:
+    """``value == text`` for a cell that may be missing (``pd.NA`` compares to NA)."""
+    return isinstance(value, str) and value == text
+
+
 # ----------------------------------------------------------------------------- times
 
 def to_ns(value: TimeLike) -> int | None:

@@ -18,6 +18,7 @@ from provscope.query._base import (
     TimeLike,
     complete,
     connect,
+    equals,
     has_tables,
     infer_typed,
     mark_partial,
@@ -254,7 +255,7 @@ def run(run_id: str = "latest", *, config: Config | None = None) -> pd.Series:
     if df.empty:  # deleted between the two reads
         raise ProvscopeError(f"run {full} is no longer in {safe_url(cfg.lineage_url)}")
     row = df.iloc[0].copy()
-    row.attrs = {"partial": str(row["status"]) == "running",
+    row.attrs = {"partial": equals(row["status"], "running"),
                  "warnings": list(df.attrs.get("warnings", []))}
     return row
 
@@ -280,10 +281,10 @@ def tasks(run_id: str, *, config: Config | None = None) -> pd.DataFrame:
                 "ORDER BY start_ns IS NULL, start_ns, task_id", {"run_id": str(run_id)})
     open_ = (df["status"] == "running").fillna(False).astype(bool)
     info = _run_status(str(run_id), cfg)
-    if info is not None and info["status"] == "running":
+    if info is not None and equals(info["status"], "running"):
         mark_partial(df, None)
     if open_.any():
-        if info is not None and info["status"] == "lost":
+        if info is not None and equals(info["status"], "lost"):
             end = info["end_ns"]
             df.loc[open_, "status"] = "lost"
             ends = open_ & df["end_ns"].isna()

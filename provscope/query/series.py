@@ -18,6 +18,7 @@ from provscope.query._base import (
     TEXT,
     TimeLike,
     complete,
+    equals,
     mark_partial,
     settings,
     to_ns,
@@ -244,7 +245,7 @@ def _mark_runs(df: pd.DataFrame, run_ids: list[str], measurement: str,
         if info.empty:
             continue
         row = info.iloc[0]
-        if row["status"] == "running":
+        if equals(row["status"], "running"):
             mark_partial(df, f"run {rid} is still running: its series end at the latest "
                          "point written so far")
             continue  # no points yet is no news while it runs

@@ -19,6 +19,7 @@ from provscope.query._base import (
     PartialResultWarning,
     complete,
     connect,
+    equals,
     has_tables,
     mark_partial,
     settings,
@@ -49,7 +50,7 @@ def _window(of: str, config: Config) -> dict[str, Any]:
                     "WHERE task_id = :t"), {"t": of.strip()}).first()
     if task is not None:
         info = runs(run_id=task.run_id, config=config)
-        run_running = not info.empty and info["status"].iloc[0] == "running"
+        run_running = not info.empty and equals(info["status"].iloc[0], "running")
         hosts = [task.host] if task.host else _run_hosts(task.run_id, info, config)
         running = task.end_ns is None and (task.status == "running" or run_running)
         return {"run_id": task.run_id, "task_id": task.task_id, "hosts": hosts,
@@ -60,7 +61,7 @@ def _window(of: str, config: Config) -> dict[str, Any]:
     return {"run_id": run_id, "task_id": None, "hosts": _run_hosts(run_id, info, config),
             "start_ns": None if pd.isna(row["start_ns"]) else int(row["start_ns"]),
             "end_ns": None if pd.isna(row["end_ns"]) else int(row["end_ns"]),
-            "running": row["status"] == "running"}
+            "running": equals(row["status"], "running")}
 
 
 def _run_hosts(run_id: str, info: pd.DataFrame, config: Config) -> list[str]:
@@ -220,7 +221,7 @@ def resource_summary(run_id: str = "latest", *, metrics: str = "train",
     rid = resolve_run_id(run_id, config=cfg)
     info = runs(run_id=rid, config=cfg).iloc[0]
     tk = tasks(rid, config=cfg)
-    running = info["status"] == "running"
+    running = equals(info["status"], "running")
     now = time.time_ns()
     top = tk[tk["depth"] == 0]
     run_row: dict[str, Any] = {
