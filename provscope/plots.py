@@ -183,7 +183,8 @@ class _Panel:
             for a, b in zip(np.atleast_1d(px), np.atleast_1d(py), strict=True):
                 self.parts.append(f'<circle cx="{a:.1f}" cy="{b:.1f}" r="3" fill="{colour}"/>')
         if len(xs) > 1:
-            points = " ".join(f"{a:.1f},{b:.1f}" for a, b in zip(np.atleast_1d(px), np.atleast_1d(py), strict=True))
+            pairs = zip(np.atleast_1d(px), np.atleast_1d(py), strict=True)
+            points = " ".join(f"{a:.1f},{b:.1f}" for a, b in pairs)
             dash = ' stroke-dasharray="5,3"' if dashed else ""
             self.parts.append(f'<polyline points="{points}" fill="none" stroke="{colour}" '
                               f'stroke-width="1.3"{dash}/>')
