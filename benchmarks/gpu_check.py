@@ -210,7 +210,7 @@ def dynamo_counts(counters: Mapping[str, Mapping[str, int]]) -> dict[str, int]:
 
 
 def rows_by_step(frame: Any) -> dict[int, dict[str, Any]]:
-    """A long-format ``query.series`` frame of ``train`` points as {step: {field: value}}
+    """A long-format ``query.points`` frame of ``train`` points as {step: {field: value}}
     (string fields from ``str_value``); points without a ``step`` field are left out."""
     import pandas as pd
 
@@ -790,7 +790,7 @@ def check_gradscaler(ctx: Ctx) -> list[dict[str, Any]]:
         stats = watcher.stats()
         watcher.unwatch()
     run.flush(30.0)
-    rows = rows_by_step(query.series("train", run_id=run.run_id, config=store_config(db)))
+    rows = rows_by_step(query.points("train", run_id=run.run_id, config=store_config(db)))
     del model, opt, data
     free_cuda()
     flags = {s: f.get("optimizer_step_skipped") for s, f in rows.items()}
@@ -913,7 +913,7 @@ def check_gpu_process(ctx: Ctx) -> list[dict[str, Any]]:
             except subprocess.TimeoutExpired:
                 agent.kill()
                 agent.wait()
-    rows = query.series("gpu_process", run_id=run.run_id, config=store_config(db))
+    rows = query.points("gpu_process", run_id=run.run_id, config=store_config(db))
     points = rows[rows["field"] == "processes"] if len(rows) else rows
     watched = [w["pid"] for w in status.get("watched") or []]
     pid = os.getpid()

@@ -79,6 +79,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"provscope: {exc}", file=sys.stderr)
         return 2
     except ProvscopeError as exc:
+        if args.verbose and exc.__cause__ is not None:  # a store's own error behind it
+            import traceback
+
+            traceback.print_exc()
         print(f"provscope: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

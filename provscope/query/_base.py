@@ -165,14 +165,14 @@ def connect(config: Config) -> Iterator[sa.Connection | None]:
         conn = engine.connect()
     except sa.exc.SQLAlchemyError as exc:
         raise ProvscopeError(f"lineage store {where} is unreachable: "
-                             f"{_driver_line(exc)}") from None
+                             f"{_driver_line(exc)}") from exc  # the cause: for `-v`
     try:
         yield conn
     except sa.exc.SQLAlchemyError as exc:
         older = schema_note(conn)
         hint = f" ({older})" if older else ""
         raise ProvscopeError(f"reading lineage store {where} failed: {_driver_line(exc)}"
-                             f"{hint}") from None
+                             f"{hint}") from exc
     finally:
         conn.close()
 

@@ -51,7 +51,7 @@ def test_demo_trains_records_and_prints_the_summary(tmp_path):
     assert int(tasks_line) == len(tasks)
     ents = query.entities(run_id, config=settings)
     assert {"dataset", "checkpoint"} <= set(ents["kind"])
-    loss = query.series("train", "loss", run_id=run_id, config=settings)
+    loss = query.points("train", "loss", run_id=run_id, config=settings)
     points_line = int(re.search(r"^\s+points\s+(\d+) written", out, re.M).group(1))
     assert len(loss) >= 1 and points_line >= len(loss)
 

@@ -39,7 +39,7 @@ def test_points_and_lineage_share_the_default_file(tmp_path):
         assert conn.execute("SELECT count(*) FROM points").fetchone()[0] == 4000
         assert conn.execute("SELECT count(*) FROM tasks WHERE status = 'finished'"
                             ).fetchone()[0] == 20
-    assert len(query.series("train", "step", run_id=run_id, config=config)) == 2000
+    assert len(query.points("train", "step", run_id=run_id, config=config)) == 2000
     assert query.runs(config=config)["task_count"].tolist() == [20]
 
 

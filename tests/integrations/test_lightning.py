@@ -77,13 +77,13 @@ def test_one_callback_records_workflow_epochs_layers_and_checkpoints(tmp_path):
     assert names.count("validation") == 2
     assert set(tasks["status"]) == {"finished"}
 
-    layers = query.series("layer", "grad_norm", run_id=run.run_id, config=config)
+    layers = query.points("layer", "grad_norm", run_id=run.run_id, config=config)
     assert set(layers["tags"].map(lambda t: t["layer"])) == {"net.0", "net.2"}
-    assert sorted(set(query.series("layer", "step", run_id=run.run_id,
+    assert sorted(set(query.points("layer", "step", run_id=run.run_id,
                                    config=config)["value"])) == [0, 2, 4, 6]
-    loss = query.series("train", "loss", run_id=run.run_id, config=config)
+    loss = query.points("train", "loss", run_id=run.run_id, config=config)
     assert len(loss) == 8
-    assert len(query.series("train", "val_loss", run_id=run.run_id, config=config)) == 2
+    assert len(query.points("train", "val_loss", run_id=run.run_id, config=config)) == 2
 
     entities = query.entities(run.run_id, config=config)
     model = entities[entities["kind"] == "model"].iloc[0]

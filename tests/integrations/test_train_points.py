@@ -50,7 +50,7 @@ def test_lightning_steps_are_one_train_point_each(tmp_path):
     trainer.fit(Tiny(), loader)
     run = callback.session.run
     assert callback.session.errors == 0 and run.flush(30.0)
-    series = query.series("train", run_id=run.run_id,
+    series = query.points("train", run_id=run.run_id,
                           config=load_config(overrides=settings))
     steps = series[series["field"] == "step"]
     assert sorted(steps["value"]) == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]  # 2 epochs x 3 batches

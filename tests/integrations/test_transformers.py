@@ -61,16 +61,16 @@ def test_trainer_callback_records_workflow_layers_scalars_and_checkpoints(tmp_pa
     assert {"train", "epoch 0", "epoch 1"} <= set(tasks["name"])
     assert set(tasks["status"]) == {"finished"}
 
-    layer = query.series("layer", "grad_norm", run_id=run.run_id, config=cfg)
+    layer = query.points("layer", "grad_norm", run_id=run.run_id, config=cfg)
     names = set(layer["tags"].map(lambda t: t["layer"]))
     assert names and all(n.startswith("transformer.h.0.") for n in names)
-    steps = sorted(set(query.series("layer", "step", run_id=run.run_id, config=cfg)["value"]))
+    steps = sorted(set(query.points("layer", "step", run_id=run.run_id, config=cfg)["value"]))
     assert steps == [0, 2, 4, 6]
-    tokens = query.series("train", "tokens_per_second", run_id=run.run_id, config=cfg)
+    tokens = query.points("train", "tokens_per_second", run_id=run.run_id, config=cfg)
     assert len(tokens) == 8 and (tokens["value"] > 0).all()
-    loss = query.series("train", "loss", run_id=run.run_id, config=cfg)
+    loss = query.points("train", "loss", run_id=run.run_id, config=cfg)
     assert len(loss) >= 8
-    assert len(query.series("train", "lr", run_id=run.run_id, config=cfg)) >= 8
+    assert len(query.points("train", "lr", run_id=run.run_id, config=cfg)) >= 8
 
     entities = query.entities(run.run_id, config=cfg)
     model_row = entities[entities["kind"] == "model"].iloc[0]

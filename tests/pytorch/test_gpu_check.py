@@ -131,7 +131,7 @@ def test_rows_by_step_reads_train_points_back_from_the_store(gc, tmp_path):
         for step, _ in run.steps(range(3)):
             run.log(loss=float(step) / 2, optimizer_step_skipped=int(step == 1))
     assert run.flush(30.0)
-    frame = query.series("train", run_id=run.run_id,
+    frame = query.points("train", run_id=run.run_id,
                          config=load_config(overrides={"embedded.path": str(db)}, environ={}))
     rows = gc.rows_by_step(frame)
     assert sorted(rows) == [0, 1, 2]

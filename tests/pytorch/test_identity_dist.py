@@ -65,7 +65,7 @@ def test_spawned_ranks_share_rank_0s_run(tmp_path, before):
     assert list(runs["run_id"]) == [run_id]
     assert (runs["name"][0], runs["config"][0], runs["origin"][0]) == \
         ("spawned", {"lr": 0.5}, "job")
-    train = query.series("train", "loss", config=config)
+    train = query.points("train", "loss", config=config)
     assert set(zip(train["run_id"], train["rank"], strict=True)) == {(run_id, "0"),
                                                                       (run_id, "1")}
     tasks = query.tasks(run_id, config=config)

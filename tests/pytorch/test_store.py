@@ -48,11 +48,11 @@ def test_layer_series_model_entity_and_checkpoint_lineage_in_the_store(tmp_path)
             w.unwatch()
         assert run.flush(30.0)
     config = load_config(overrides=settings)
-    layer = query.series("layer", "grad_norm", run_id=run.run_id, config=config)
+    layer = query.points("layer", "grad_norm", run_id=run.run_id, config=config)
     assert set(layer["tags"].map(lambda t: t["layer"])) == {"0", "2"}
-    steps = query.series("layer", "step", run_id=run.run_id, config=config)
+    steps = query.points("layer", "step", run_id=run.run_id, config=config)
     assert sorted(set(steps["value"])) == [0.0, 2.0]
-    train = query.series("train", "grad_norm", run_id=run.run_id, config=config)
+    train = query.points("train", "grad_norm", run_id=run.run_id, config=config)
     assert len(train) == 4 and (train["value"] > 0).all()
 
     entities = query.entities(run.run_id, config=config)
@@ -104,7 +104,7 @@ def test_two_gloo_ranks_write_their_own_layer_series_and_tasks(tmp_path):
     run_id = new_id()
     mp.spawn(_rank_worker, args=(2, free_port(), db, run_id), nprocs=2, join=True)
     config = load_config(overrides={"embedded.path": db})
-    layer = query.series("layer", "grad_norm", run_id=run_id, config=config)
+    layer = query.points("layer", "grad_norm", run_id=run_id, config=config)
     assert set(layer["rank"]) == {"0", "1"}
     for rank in ("0", "1"):
         mine = layer[layer["rank"] == rank]

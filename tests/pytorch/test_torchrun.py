@@ -67,10 +67,10 @@ def _check_one_run_of_the_job(db: str) -> str:
     assert runs["config"][0] == {"lr": 0.1, "world": 2}
     assert runs["status"][0] == "finished" and runs["origin"][0] == "job"
     run_id = runs["run_id"][0]
-    layer = query.series("layer", "grad_norm", run_id=run_id, config=config)
+    layer = query.points("layer", "grad_norm", run_id=run_id, config=config)
     assert set(layer["rank"]) == {"0", "1"}
     assert len(layer) == 2 * 2 * 3  # ranks x layers x sampled steps
-    train = query.series("train", "loss", config=config)
+    train = query.points("train", "loss", config=config)
     assert set(zip(train["run_id"], train["rank"], strict=True)) == {(run_id, "0"),
                                                                       (run_id, "1")}
     tasks = query.tasks(run_id, config=config)

@@ -65,7 +65,7 @@ def test_the_readme_loop_writes_exactly_one_train_point_per_step_to_the_store(tm
                 run.log(loss=loss.detach(), lr=sched.get_last_lr()[0])
         assert run.flush(30.0)
     config = load_config(overrides={"embedded.path": db})
-    series = query.series("train", run_id=run.run_id, config=config)
+    series = query.points("train", run_id=run.run_id, config=config)
     by_field = series.groupby("field")
     for field in ("step", "loss", "lr", "step_time_seconds", "samples_per_second",
                   "grad_norm"):
