@@ -94,6 +94,10 @@ def _same(a: pd.DataFrame, b: pd.DataFrame) -> None:
     {"measurement": "train", "start": T0 + 1_499_000, "end": T0 + 1_505_000,
      "index": "time"},
     {"measurement": "nothing", "fields": ["loss"]},
+    {"measurement": "train", "run_id": RUN, "host": ["n1", "n2"], "rank": "1",
+     "index": "time"},
+    {"measurement": "train", "fields": ["loss", "phase"], "run_id": RUN, "host": "n1",
+     "rank": "0", "index": "time"},
 ])
 def test_series_is_identical_through_adbc_and_sqlite3(store, monkeypatch, kwargs):
     fast, slow = _both(monkeypatch, lambda: query.series(**kwargs, config=store))
@@ -124,9 +128,34 @@ def test_a_column_the_driver_cannot_type_falls_back_to_sqlite3(tmp_path, monkeyp
                          "VALUES (?, 'm', 'f', ?, 'r')",
                          [(i, float(i)) for i in range(1100)] + [(2000, "abc")])
     conn.close()
-    assert _embedded._arrow(path, "CASE field WHEN ? THEN 0 END", "''",
-                            "measurement = ?", ["f", "m"]) is None
+    assert _embedded._arrow(path, "CASE field WHEN ? THEN 0 END", "measurement = ?",
+                            ["f", "m"], {}) is None
     config = load_config(overrides={"embedded.path": str(path)}, environ={})
     got = query.points("m", config=config)
     monkeypatch.setattr(_embedded, "_arrow", lambda *args: None)
     pd.testing.assert_frame_equal(got, query.points("m", config=config), check_exact=True)
+
+
+def test_text_before_the_first_number_is_read_with_flags(tmp_path, monkeypatch):
+    # More text-only rows than the driver's first batch: it types value as int64 and
+    # refuses the first number; the read is retried with placeholders and NULL flags.
+    path = tmp_path / "text-first.db"
+    n = 131_072 + 10
+    with sqlite3.connect(path) as conn:
+        for ddl in POINTS_DDL:
+            conn.execute(ddl)
+        conn.executemany("INSERT INTO points (time_ns, measurement, field, value, str_value,"
+                         " run_id, host) VALUES (?, 'm', ?, ?, ?, 'r', 'h')",
+                         [(i, "note", None, str(i % 3)) for i in range(n)]
+                         + [(i, "x", i * 0.5, None) for i in range(n, n + 5)])
+    conn.close()
+    config = load_config(overrides={"embedded.path": str(path)}, environ={})
+    sqls = []
+    real = _embedded._fetch
+    monkeypatch.setattr(_embedded, "_fetch",
+                        lambda conn, sql, params: sqls.append(sql) or real(conn, sql, params))
+    fast, slow = _both(monkeypatch, lambda: query.points("m", config=config))
+    assert len(sqls) == 2 and "IS NULL" in sqls[1]
+    _same(fast, slow)
+    assert fast["str_value"].iloc[:3].tolist() == ["0", "1", "2"]
+    assert fast["value"].iloc[-5:].tolist() == [n * 0.5 + i * 0.5 for i in range(5)]

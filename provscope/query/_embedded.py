@@ -14,6 +14,7 @@ rows and refuses a later row of another type), the ``sqlite3`` path reads instea
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sqlite3
@@ -93,13 +94,13 @@ def read(path: Path, measurement: str, fields: Sequence[str] | None,
             + " END"
         fold = (f"coalesce(run_id, '') || '{_SEP}' || coalesce(host, '') || '{_SEP}' || "
                 f"coalesce(rank, '') || '{_SEP}' || coalesce(tags, '')")
-        fast = _arrow(path, case, fold, clause, [*names, *params])
+        fast = _arrow(path, case, clause, [*names, *params], filters)
         if fast is not None:
-            time_ns, codes, value, strings, key, uniques = fast
+            time_ns, codes, value, strings, key, keys = fast
             if not len(time_ns):
                 return Columns.empty()
             t, k, out = pivot(time_ns, key, codes, names, value, strings)
-            return Columns(t, k, [_tags(u) for u in uniques], out)
+            return Columns(t, k, keys, out)
         # One column for numbers and text (a field holds one type only); text gets a
         # leading STX so that no text ("1.5") can pass the float cast below as a number.
         rows = conn.execute(
@@ -134,55 +135,92 @@ def read(path: Path, measurement: str, fields: Sequence[str] | None,
     return Columns(t, k, keys, out)
 
 
-def _arrow(path: Path, case: str, fold: str, clause: str, params: list[Any]) -> \
+def _arrow(path: Path, case: str, clause: str, params: list[Any],
+           filters: Mapping[str, Sequence[str]]) -> \
         tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None, np.ndarray,
-              list[str]] | None:
+              list[dict[str, str]]] | None:
     """The rows through the ADBC SQLite driver as numpy arrays (``time_ns``, field codes,
-    float64 values with NaN, text values or None, the folded tags as codes into the
-    distinct folded tags in order of first appearance), the same arrays the ``sqlite3``
-    path builds; None when the driver is not installed or fails in any way (the caller
-    then reads with ``sqlite3``). Blocks while it reads."""
+    float64 values with NaN, text values or None, tag-set codes) and the tag sets in
+    order of first appearance: the same arrays the ``sqlite3`` path builds. None when the
+    driver is not installed or fails in any way (the caller then reads with
+    ``sqlite3``). Blocks while it reads."""
     try:
         import adbc_driver_sqlite.dbapi as adbc
         import pyarrow as pa
         import pyarrow.compute as pc
     except ImportError:
         return None
-    # No column may be NULL in the first rows: the driver types a column from its first
-    # batch (an all-NULL batch reads as int64) and refuses a later row of another type.
-    # So value and str_value come with a placeholder and `kind` says which one holds
-    # the cell: 0 a number, 1 text, 2 neither.
-    sql = (f"SELECT time_ns, {case}, ifnull(value, 0.0), ifnull(str_value, ''), "
-           "CASE WHEN value IS NOT NULL THEN 0 WHEN str_value IS NOT NULL THEN 1 ELSE 2 END, "
-           f"{fold} FROM points WHERE {clause}")
+    # The driver's cost is per cell, so as few columns as the rows allow: a tag column
+    # the filter pins to one value is not read (`IN (?)` matches that exact text only),
+    # the others and the JSON tags are folded into one string.
+    pinned = {k: v[0] for k in _COLUMN_TAGS if len(v := filters.get(k, ())) == 1
+              and isinstance(v[0], str)}
+    free = [k for k in _COLUMN_TAGS if k not in pinned]
+    fold = f" || '{_SEP}' || ".join([*(f"coalesce({k}, '')" for k in free),
+                                     "coalesce(tags, '')"])
+    # The driver types a column from its first batch (all NULL: int64) and refuses a
+    # later row of another type: value and str_value are read as they are first (a
+    # measurement's first rows are rarely all text), else with placeholders and flags.
+    plain = f"SELECT time_ns, {case}, value, str_value, {fold} FROM points WHERE {clause}"
+    flagged = (f"SELECT time_ns, {case}, ifnull(value, 0.0), ifnull(str_value, ''), {fold}, "
+               f"value IS NULL, str_value IS NULL FROM points WHERE {clause}")
     try:
-        with adbc.connect(f"file:{path}?mode=ro") as conn, conn.cursor() as cur:
-            cur.execute(sql, params)
-            table = cur.fetch_arrow_table()
-        if not table.num_rows:
+        with adbc.connect(f"file:{path}?mode=ro") as conn:
+            try:
+                table = _fetch(conn, plain, params)
+            except (adbc.Error, OSError) as exc:  # the stream's type error is an OSError
+                log.debug("ADBC read of %s: %s; reading with flags", path, exc)
+                table = _fetch(conn, flagged, params)
+        n = table.num_rows
+        if not n:
             empty = np.empty(0, np.int64)
             return empty, empty, np.empty(0), None, empty, []
-        time_col, code_col, value_col, str_col, kind_col, fold_col = table.columns
-        if (str(time_col.type), str(code_col.type), str(value_col.type),
-                str(kind_col.type)) != ("int64", "int64", "double", "int64") \
-                or str(str_col.type) not in ("string", "large_string"):
-            return None  # not the table's declared types: sqlite3 reads it as it is
-        kind = kind_col.to_numpy()
-        value = value_col.to_numpy().copy()
-        value[kind != 0] = np.nan
+        time_col, code_col, value_col, str_col, fold_col = table.columns[:5]
+        if table.num_columns == 7:
+            value_null = table.column(5).to_numpy().astype(bool)
+            str_null = table.column(6).to_numpy().astype(bool)
+        else:
+            value_null = pc.is_null(value_col).to_numpy(zero_copy_only=False)
+            str_null = pc.is_null(str_col).to_numpy(zero_copy_only=False)
+        text_types = (pa.string(), pa.large_string())
+        if time_col.type != pa.int64() or code_col.type != pa.int64() \
+                or fold_col.type not in text_types \
+                or (value_col.type != pa.float64() and not value_null.all()) \
+                or (str_col.type not in text_types and not str_null.all()):
+            return None  # not the table's declared types: sqlite3 reads them as they are
+        if value_null.all():
+            value = np.full(n, np.nan)
+        else:
+            value = value_col.to_numpy().astype(np.float64)  # a copy; NULL -> NaN
+            value[value_null] = np.nan
         strings = None
-        is_text = kind == 1
+        is_text = value_null & ~str_null  # a number wins over text, as in sqlite3's path
         if is_text.any():
-            strings = np.full(len(kind), None, dtype=object)
+            strings = np.full(n, None, dtype=object)
             strings[is_text] = pc.filter(str_col, pa.array(is_text)).to_pylist()
-        # The tag sets as codes, in order of first appearance (as pd.factorize gives).
+        # Tag sets as codes in order of first appearance (as pd.factorize gives).
         folded = pc.dictionary_encode(fold_col.combine_chunks())
+        keys = []
+        for text in folded.dictionary.to_pylist():
+            *values, extra = text.split(_SEP, len(free))
+            parts = {**pinned, **dict(zip(free, values, strict=True))}
+            keys.append(_tags(_SEP.join([*(parts[k] for k in _COLUMN_TAGS), extra])))
         return (time_col.to_numpy().astype(np.int64, copy=False),
                 code_col.to_numpy().astype(np.int64, copy=False), value, strings,
-                folded.indices.to_numpy().astype(np.int64), folded.dictionary.to_pylist())
+                folded.indices.to_numpy().astype(np.int64), keys)
     except Exception as exc:  # any driver failure: the sqlite3 path reads instead
         log.debug("ADBC read of %s failed, reading with sqlite3: %s", path, exc)
         return None
+
+
+def _fetch(conn: Any, sql: str, params: list[Any]) -> Any:
+    """One SELECT's rows as a pyarrow Table, in large batches (fewer, and typed from
+    more rows)."""
+    with conn.cursor() as cur:
+        with contextlib.suppress(Exception):  # an older driver without the option
+            cur.adbc_statement.set_options(**{"adbc.sqlite.query.batch_rows": "131072"})
+        cur.execute(sql, params)
+        return cur.fetch_arrow_table()
 
 
 def _tags(folded: str) -> dict[str, str]:
