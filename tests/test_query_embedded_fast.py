@@ -105,7 +105,13 @@ def test_series_is_identical_through_adbc_and_sqlite3(store, monkeypatch, kwargs
 
 
 def test_points_is_identical_and_text_that_looks_like_a_number_stays_text(store, monkeypatch):
+    sqls = []
+    real = _embedded._fetch
+    monkeypatch.setattr(_embedded, "_fetch",
+                        lambda conn, sql, params: sqls.append(sql) or real(conn, sql, params))
     fast, slow = _both(monkeypatch, lambda: query.points("train", run_id=RUN, config=store))
+    # numbers, then the rows without one with their text
+    assert len(sqls) == 2 and sqls[1].endswith("AND value IS NULL")
     _same(fast, slow)
     phase = fast[fast["field"] == "phase"]
     assert set(phase["str_value"]) == {"1.5", "warmup", ""}
@@ -155,7 +161,24 @@ def test_text_before_the_first_number_is_read_with_flags(tmp_path, monkeypatch):
     monkeypatch.setattr(_embedded, "_fetch",
                         lambda conn, sql, params: sqls.append(sql) or real(conn, sql, params))
     fast, slow = _both(monkeypatch, lambda: query.points("m", config=config))
-    assert len(sqls) == 2 and "IS NULL" in sqls[1]
+    assert len(sqls) == 2 and "ifnull(value, 0.0)" in sqls[1]  # numbers, then flags
     _same(fast, slow)
     assert fast["str_value"].iloc[:3].tolist() == ["0", "1", "2"]
     assert fast["value"].iloc[-5:].tolist() == [n * 0.5 + i * 0.5 for i in range(5)]
+
+
+def test_rows_that_change_between_the_two_reads_are_read_again_with_flags(store, monkeypatch):
+    # A writer adding rows between the numbers and the text read: here the second read
+    # comes back one row short; the rows are then read once more, with NULL flags.
+    sqls = []
+    real = _embedded._fetch
+
+    def fetch(conn, sql, params):
+        sqls.append(sql)
+        table = real(conn, sql, params)
+        return table.slice(1) if sql.endswith("AND value IS NULL") else table
+
+    monkeypatch.setattr(_embedded, "_fetch", fetch)
+    fast, slow = _both(monkeypatch, lambda: query.points("train", run_id=RUN, config=store))
+    assert len(sqls) == 3 and "ifnull(value, 0.0)" in sqls[2]
+    _same(fast, slow)

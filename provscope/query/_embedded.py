@@ -158,35 +158,57 @@ def _arrow(path: Path, case: str, clause: str, params: list[Any],
     free = [k for k in _COLUMN_TAGS if k not in pinned]
     fold = f" || '{_SEP}' || ".join([*(f"coalesce({k}, '')" for k in free),
                                      "coalesce(tags, '')"])
-    # The driver types a column from its first batch (all NULL: int64) and refuses a
-    # later row of another type: value and str_value are read as they are first (a
-    # measurement's first rows are rarely all text), else with placeholders and flags.
-    plain = f"SELECT time_ns, {case}, value, str_value, {fold} FROM points WHERE {clause}"
-    flagged = (f"SELECT time_ns, {case}, ifnull(value, 0.0), ifnull(str_value, ''), {fold}, "
-               f"value IS NULL, str_value IS NULL FROM points WHERE {clause}")
+    # Numbers first, without str_value: most measurements hold no text, and every
+    # column costs the driver time per row. Text (and a cell with neither) can only be
+    # where value is NULL; those rows are read again with str_value and used only when
+    # they are exactly the NULL rows of the first read (same times, fields and tags, in
+    # order), else everything is read once more with placeholders and NULL flags. The
+    # flags are also the way out when the driver mistypes a column: it types a column
+    # from its first batch (all NULL: int64) and refuses a later row of another type.
+    numbers = f"SELECT time_ns, {case}, value, {fold} FROM points WHERE {clause}"
+    texts = (f"SELECT time_ns, {case}, str_value, {fold} FROM points "
+             f"WHERE {clause} AND value IS NULL")
+    flagged = (f"SELECT time_ns, {case}, ifnull(value, 0.0), {fold}, value IS NULL, "
+               f"ifnull(str_value, ''), str_value IS NULL FROM points WHERE {clause}")
+    text_types = (pa.string(), pa.large_string())
     try:
         with adbc.connect(f"file:{path}?mode=ro") as conn:
+            table: Any = None
+            text_values: list[str | None] = []
             try:
-                table = _fetch(conn, plain, params)
-            except (adbc.Error, OSError) as exc:  # the stream's type error is an OSError
+                table = _fetch(conn, numbers, params)
+                value_null = pc.is_null(table.column(2)).to_numpy(zero_copy_only=False)
+                if value_null.any():
+                    nulls = pa.array(value_null)
+                    extra = _fetch(conn, texts, params)
+                    same = extra.num_rows == int(value_null.sum()) and all(
+                        extra.column(i).combine_chunks().equals(
+                            pc.filter(table.column(i), nulls).combine_chunks())
+                        for i in (0, 1, 3))
+                    str_col = extra.column(2)
+                    if not same or (str_col.type not in text_types
+                                    and str_col.null_count != len(str_col)):
+                        raise ValueError("the rows without a number changed between reads")
+                    text_values = str_col.to_pylist() if str_col.type in text_types \
+                        else [None] * len(str_col)
+            except (adbc.Error, OSError, ValueError) as exc:  # a type error is an OSError
                 log.debug("ADBC read of %s: %s; reading with flags", path, exc)
                 table = _fetch(conn, flagged, params)
+                value_null = table.column(4).to_numpy().astype(bool)
+                str_null = table.column(6).to_numpy().astype(bool)
+                is_text = value_null & ~str_null  # a number wins over text, as in sqlite3's
+                every = np.full(table.num_rows, None, dtype=object)
+                if is_text.any():
+                    every[is_text] = pc.filter(table.column(5), pa.array(is_text)).to_pylist()
+                text_values = list(every[value_null])
         n = table.num_rows
         if not n:
             empty = np.empty(0, np.int64)
             return empty, empty, np.empty(0), None, empty, []
-        time_col, code_col, value_col, str_col, fold_col = table.columns[:5]
-        if table.num_columns == 7:
-            value_null = table.column(5).to_numpy().astype(bool)
-            str_null = table.column(6).to_numpy().astype(bool)
-        else:
-            value_null = pc.is_null(value_col).to_numpy(zero_copy_only=False)
-            str_null = pc.is_null(str_col).to_numpy(zero_copy_only=False)
-        text_types = (pa.string(), pa.large_string())
+        time_col, code_col, value_col, fold_col = table.columns[:4]
         if time_col.type != pa.int64() or code_col.type != pa.int64() \
                 or fold_col.type not in text_types \
-                or (value_col.type != pa.float64() and not value_null.all()) \
-                or (str_col.type not in text_types and not str_null.all()):
+                or (value_col.type != pa.float64() and not value_null.all()):
             return None  # not the table's declared types: sqlite3 reads them as they are
         if value_null.all():
             value = np.full(n, np.nan)
@@ -194,17 +216,16 @@ def _arrow(path: Path, case: str, clause: str, params: list[Any],
             value = value_col.to_numpy().astype(np.float64)  # a copy; NULL -> NaN
             value[value_null] = np.nan
         strings = None
-        is_text = value_null & ~str_null  # a number wins over text, as in sqlite3's path
-        if is_text.any():
+        if any(v is not None for v in text_values):
             strings = np.full(n, None, dtype=object)
-            strings[is_text] = pc.filter(str_col, pa.array(is_text)).to_pylist()
+            strings[value_null] = np.array(text_values, dtype=object)
         # Tag sets as codes in order of first appearance (as pd.factorize gives).
         folded = pc.dictionary_encode(fold_col.combine_chunks())
         keys = []
         for text in folded.dictionary.to_pylist():
-            *values, extra = text.split(_SEP, len(free))
-            parts = {**pinned, **dict(zip(free, values, strict=True))}
-            keys.append(_tags(_SEP.join([*(parts[k] for k in _COLUMN_TAGS), extra])))
+            *tag_values, extra_tags = text.split(_SEP, len(free))
+            parts = {**pinned, **dict(zip(free, tag_values, strict=True))}
+            keys.append(_tags(_SEP.join([*(parts[k] for k in _COLUMN_TAGS), extra_tags])))
         return (time_col.to_numpy().astype(np.int64, copy=False),
                 code_col.to_numpy().astype(np.int64, copy=False), value, strings,
                 folded.indices.to_numpy().astype(np.int64), keys)
