@@ -366,19 +366,36 @@ def _row_stats(block: torch.Tensor, cuda: bool) -> torch.Tensor:
     return torch.stack([total, norm, high, low, nonzero, nan, inf])
 
 
+ZERO_SAMPLE = 16_384
+"""On the CPU, the zero fraction of an activation reduced in pieces (bigger than
+:data:`SMALL_ROWS` rows) is estimated from this many elements per piece."""
+_RUNS = 64
+
+
 def _piece_stats(flat: torch.Tensor, cuda: bool) -> torch.Tensor:
-    """[7, 1] statistics of one flat fp32 piece of an activation."""
+    """[7, 1] statistics of one flat fp32 piece of an activation. On the CPU, where
+    ``count_nonzero`` is not vectorised and would cost more than every other statistic
+    together, the non-zero count of a piece above :data:`ZERO_SAMPLE` elements is
+    estimated from 64 evenly spaced runs of that many elements in all, and NaN/Inf are
+    only counted when the sum is not finite (the host has the sum already)."""
+    n = flat.numel()
     total = flat.sum()
+    low, high = torch.aminmax(flat)
     finite = cuda or bool(torch.isfinite(total))
-    nonzero = (flat.sign().abs().sum() if finite and not cuda
-               else torch.count_nonzero(flat).float())
     if cuda or not finite:
+        nonzero = torch.count_nonzero(flat).float()
         nan = torch.isnan(flat).sum().float()
         inf = torch.isinf(flat).sum().float()
     else:
+        if n > ZERO_SAMPLE:
+            stride = n // _RUNS
+            runs = flat[: _RUNS * stride].view(_RUNS, stride)[:, : ZERO_SAMPLE // _RUNS]
+            nonzero = torch.count_nonzero(runs).float() * (n / runs.numel())
+        else:
+            nonzero = torch.count_nonzero(flat).float()
         nan = inf = torch.zeros((), device=flat.device)
-    return torch.stack([total, torch.linalg.vector_norm(flat), flat.max(), flat.min(),
-                        nonzero, nan, inf]).view(_STATS, 1)
+    return torch.stack([total, torch.linalg.vector_norm(flat), high, low, nonzero, nan,
+                        inf]).view(_STATS, 1)
 
 
 def activation_fields(values: Sequence[float], numel: int) -> dict[str, float]:

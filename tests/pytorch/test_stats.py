@@ -143,3 +143,14 @@ def test_update_difference_and_global_norm():
     assert [d.tolist() for d in diff] == [[-1.0, -1.0, -1.0], [-1.0, -1.0]]
     norms = ts.param_norms(diff)
     assert ts.total_norm(norms).item() == pytest.approx(math.sqrt(5))
+
+
+def test_big_cpu_activations_estimate_the_zero_fraction_and_keep_exact_moments():
+    g = torch.Generator().manual_seed(1)
+    x = torch.relu(torch.randn(512, 2048, generator=g))  # reduced in pieces
+    fields = _collect([x])[0]
+    assert fields["activation_zero_fraction"] == pytest.approx(
+        (x == 0).double().mean().item(), abs=0.02)
+    ref = _reference(x)
+    for key in ("activation_mean", "activation_std", "activation_abs_max"):
+        assert fields[key] == pytest.approx(ref[key], rel=1e-5)
