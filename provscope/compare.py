@@ -36,6 +36,7 @@ import pandas as pd
 
 from provscope import query
 from provscope.errors import ProvscopeError
+from provscope.formatting import is_missing as _na
 
 if TYPE_CHECKING:
     from provscope.config import Config
@@ -74,15 +75,6 @@ def _config(config: Config | None) -> Config:
     return load_config()
 
 
-def _na(value: Any) -> bool:
-    if value is None:
-        return True
-    if isinstance(value, str | dict | list | tuple | bool):
-        return False
-    try:
-        return bool(pd.isna(value))
-    except (TypeError, ValueError):
-        return False
 
 
 def _plain(value: Any) -> Any:

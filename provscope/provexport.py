@@ -26,10 +26,9 @@ import datetime as dt
 import json
 from typing import TYPE_CHECKING, Any
 
-import pandas as pd
-
 from provscope import query
 from provscope._version import __version__
+from provscope.formatting import is_missing as _na
 
 if TYPE_CHECKING:
     from prov.model import ProvDocument
@@ -60,15 +59,6 @@ _RESOURCES = ("cpu_seconds", "gpu_seconds", "gpu_energy_joules", "peak_rss_bytes
               "read_bytes", "write_bytes")
 
 
-def _na(value: Any) -> bool:
-    if value is None:
-        return True
-    if isinstance(value, str | dict | list | bool):
-        return False
-    try:
-        return bool(pd.isna(value))
-    except (TypeError, ValueError):
-        return False
 
 
 def _config(config: Config | None) -> Config:

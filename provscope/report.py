@@ -29,6 +29,8 @@ import pandas as pd
 from provscope import compare, plots, query
 from provscope._version import __version__
 from provscope.errors import ProvscopeError
+from provscope.formatting import format_bytes, format_duration
+from provscope.formatting import is_missing as _na
 
 if TYPE_CHECKING:
     from provscope.config import Config
@@ -79,15 +81,6 @@ class RunData:
         return f"{'' if _na(name) else name} {self.run_id[:8]}".strip()
 
 
-def _na(value: Any) -> bool:
-    if value is None:
-        return True
-    if isinstance(value, str | dict | list | bool):
-        return False
-    try:
-        return bool(pd.isna(value))
-    except (TypeError, ValueError):
-        return False
 
 
 # ----------------------------------------------------------------------------- gather
@@ -269,30 +262,8 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]], *,
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def format_duration(seconds: Any) -> str:
-    """``45 ms``, ``12.3 s``, ``2m 03s``, ``1h 02m``; ``-`` when unknown."""
-    if _na(seconds):
-        return "-"
-    s = float(seconds)
-    if s < 1:
-        return f"{s * 1000:.0f} ms"
-    if s < 60:
-        return f"{s:.1f} s"
-    if s < 3600:
-        return f"{int(s // 60)}m {int(s % 60):02d}s"
-    return f"{int(s // 3600)}h {int(s % 3600 // 60):02d}m"
 
 
-def format_bytes(n: Any) -> str:
-    """``512 B``, ``1.2 MiB``; ``-`` when unknown."""
-    if _na(n):
-        return "-"
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(value) < 1024:
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} TiB"
 
 
 def _ts(ns: Any) -> str:

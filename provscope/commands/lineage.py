@@ -15,6 +15,8 @@ from collections.abc import Hashable, Mapping
 from typing import Any
 
 from provscope import jsonsafe
+from provscope.formatting import format_bytes, format_duration
+from provscope.formatting import is_missing as _na
 
 __all__ = ["format_bytes", "format_duration", "register"]
 
@@ -50,44 +52,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 # ----------------------------------------------------------------------------- formatting
 
-def _na(value: Any) -> bool:
-    """None, NaN, NA or NaT (pandas is imported lazily: every command imports this module)."""
-    if value is None:
-        return True
-    if isinstance(value, str | dict | list):
-        return False
-    import pandas as pd
-
-    try:
-        return bool(pd.isna(value))
-    except (TypeError, ValueError):
-        return False
 
 
-def format_duration(seconds: Any) -> str:
-    """``45 ms``, ``12.3 s``, ``2m 03s``, ``1h 02m``; ``-`` when unknown."""
-    if _na(seconds):
-        return "-"
-    s = float(seconds)
-    if s < 1:
-        return f"{s * 1000:.0f} ms"
-    if s < 60:
-        return f"{s:.1f} s"
-    if s < 3600:
-        return f"{int(s // 60)}m {int(s % 60):02d}s"
-    return f"{int(s // 3600)}h {int(s % 3600 // 60):02d}m"
 
 
-def format_bytes(n: Any) -> str:
-    """``512 B``, ``1.2 MiB``; ``-`` when unknown."""
-    if _na(n):
-        return "-"
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(value) < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} TiB"  # pragma: no cover
 
 
 def _num(value: Any, fmt: str = "{:.1f}") -> str:
